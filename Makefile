@@ -1,0 +1,33 @@
+# Every target creates .venv and installs what it needs by itself (a fresh clone needs only
+# Python 3.11 and the package registries).
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export PYTHONPATH := $(CURDIR)
+
+.PHONY: demo test test-full bench fixtures clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/demo.py --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+# Adds the full-size SDXL tests (about 10 GiB of RAM, minutes on CPU).
+test-full: $(STAMP)
+	$(PY) -m pytest -q -m "full or not full" tests
+
+bench: $(STAMP)
+	$(PY) bench/model_forward.py
+
+-include tools/reference_fixtures.mk
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,1 @@
+"""Shared code of the SDXL LoRA trainer and generator (see README, Architecture)."""

@@ -1,0 +1,154 @@
+"""The one op layer the models are built from.
+
+MindSpore 2.7's `mint` ops are Ascend-first and about 25 of them have no CPU kernel (Conv2DExt,
+LayerNormExt, GeluExt, ...). Every op used here has a kernel on CPU and on Ascend, in PyNative and
+graph mode. The single backend choice is attention: Ascend's fused `flash_attention_score`, math
+attention elsewhere. Models call these and never look at the device themselves.
+
+Parameters are named `weight` / `bias` like PyTorch's, so a model's parameter names are its
+checkpoint keys.
+"""
+
+import math
+
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops, mint, Parameter, Tensor
+from mindspore.common.initializer import initializer, HeUniform, Uniform, Normal
+
+from library import device
+
+
+def Linear(in_features, out_features, bias=True):
+    return nn.Dense(in_features, out_features, has_bias=bias)
+
+
+class Conv2d(nn.Conv2d):
+    """PyTorch-style conv. `padding` is an int or MindSpore's (top, bottom, left, right).
+
+    PyTorch's default init (kaiming-uniform with a=sqrt(5), bias from the fan-in bound), so a
+    randomly initialised model behaves like the reference one.
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True):
+        bound = 1 / math.sqrt(in_channels * kernel_size * kernel_size)
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, pad_mode="pad",
+                         padding=padding, has_bias=bias, weight_init=HeUniform(math.sqrt(5)),
+                         bias_init=Uniform(bound) if bias else None)
+
+
+class GroupNorm(nn.Cell):
+    """GroupNorm computed in float32 whatever the input dtype (SGM's GroupNorm32 does the same)."""
+
+    def __init__(self, num_groups, num_channels, eps=1e-5):
+        super().__init__()
+        self.num_groups = num_groups
+        self.eps = eps
+        self.weight = Parameter(initializer("ones", (num_channels,), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (num_channels,), ms.float32), name="bias")
+
+    def construct(self, x):
+        out = mint.nn.functional.group_norm(x.astype(ms.float32), self.num_groups,
+                                            self.weight.astype(ms.float32),
+                                            self.bias.astype(ms.float32), self.eps)
+        return out.astype(x.dtype)
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis (the legacy primitive: `mint`'s has no CPU kernel)."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.weight = Parameter(initializer("ones", (dim,), ms.float32), name="weight")
+        self.bias = Parameter(initializer("zeros", (dim,), ms.float32), name="bias")
+        self.norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        return self.norm(x, self.weight.astype(x.dtype), self.bias.astype(x.dtype))[0]
+
+
+class Embedding(nn.Cell):
+    """A lookup table with a PyTorch-named `weight` (nn.Embedding calls it `embedding_table`)."""
+
+    def __init__(self, num, dim):
+        super().__init__()
+        self.weight = Parameter(initializer(Normal(0.02), (num, dim), ms.float32), name="weight")
+
+    def construct(self, ids):
+        return ops.gather(self.weight, ids, 0)
+
+
+def silu(x):
+    return x * ops.sigmoid(x)
+
+
+def gelu(x):
+    return ops.gelu(x, approximate="none")
+
+
+def quick_gelu(x):
+    return x * ops.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
+
+
+def upsample_nearest_2x(x):
+    return ops.interpolate(x, size=(x.shape[2] * 2, x.shape[3] * 2), mode="nearest")
+
+
+def causal_mask(length):
+    """Additive mask (1, 1, L, L) that hides future tokens, as CLIP's text encoder uses."""
+    mask = np.triu(np.full((length, length), -np.inf, dtype=np.float32), k=1)
+    return Tensor(mask[None, None])
+
+
+def _split_heads(x, heads):
+    b, n, c = x.shape
+    return x.reshape(b, n, heads, c // heads).transpose(0, 2, 1, 3)
+
+
+def math_attention(q, k, v, heads, mask=None):
+    """Scaled dot-product attention on (B, L, C) tensors; softmax in float32."""
+    b, n, c = q.shape
+    scale = (c // heads) ** -0.5
+    q, k, v = _split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads)
+    scores = ops.matmul(q, k.transpose(0, 1, 3, 2)).astype(ms.float32) * scale
+    if mask is not None:
+        scores = scores + mask
+    probs = ops.softmax(scores, axis=-1).astype(v.dtype)
+    out = ops.matmul(probs, v)
+    return out.transpose(0, 2, 1, 3).reshape(b, n, c)
+
+
+def _flash_attention(q, k, v, heads):
+    scale = (q.shape[-1] // heads) ** -0.5
+    return ops.flash_attention_score(q, k, v, heads, input_layout="BSH", scale_value=scale)
+
+
+def attention(q, k, v, heads):
+    """Unmasked attention on (B, L, C) tensors: Ascend's fused kernel there, math elsewhere.
+
+    The choice is made when the graph is traced, so a compiled step holds one path only.
+    """
+    if device.is_ascend() and q.dtype in (ms.float16, ms.bfloat16):
+        return _flash_attention(q, k, v, heads)
+    return math_attention(q, k, v, heads)
+
+
+def timestep_embedding(t, dim, max_period=10000):
+    """Sinusoidal embedding of a (B,) tensor, cos first (SGM's `timestep_embedding`)."""
+    half = dim // 2
+    freqs = Tensor(np.exp(-math.log(max_period) * np.arange(half, dtype=np.float32) / half))
+    args = t.astype(ms.float32)[:, None] * freqs[None]
+    return ops.cat([ops.cos(args), ops.sin(args)], axis=-1)
+
+
+def enable_recompute(cells):
+    """Gradient checkpointing: recompute each cell's activations in the backward pass.
+
+    MindSpore lets a cell's recompute setting be made once, so this is a one-way switch, made per
+    model before its first compiled step.
+    """
+    for cell in cells:
+        cell.recompute()

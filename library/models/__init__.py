@@ -1,0 +1,54 @@
+"""SDXL models: `build_sdxl(preset)` for fresh models, `load_sdxl(path_or_id)` for weights.
+
+Both return an `SDXLModels` with the four cells kohya's scripts pass around:
+`text_encoder1`, `text_encoder2`, `vae`, `unet`.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from mindspore import nn
+from mindspore.nn.utils import no_init_parameters
+
+from library.models.clip import CLIPTextModel
+from library.models.config import SDXLConfig, get_preset
+from library.models.unet import SDXLUNet
+from library.models.vae import AutoencoderKL
+
+
+@dataclass
+class SDXLModels:
+    config: SDXLConfig
+    text_encoder1: nn.Cell
+    text_encoder2: nn.Cell
+    vae: nn.Cell
+    unet: nn.Cell
+    # OpenCLIP's logit_scale lives in the checkpoint but no text model uses it; kept to save back.
+    te2_logit_scale: float = math.log(100.0)
+    source: Optional[str] = field(default=None)   # the file or folder the weights came from
+
+
+def build_sdxl(preset="sdxl_base", init=True):
+    """Build the four models of a preset. `init=False` skips random initialisation (about a
+    second for full-size SDXL instead of half a minute): the weights are loaded afterwards."""
+    cfg = get_preset(preset)
+
+    def build():
+        return SDXLModels(config=cfg,
+                          text_encoder1=CLIPTextModel(cfg.text_encoder1),
+                          text_encoder2=CLIPTextModel(cfg.text_encoder2),
+                          vae=AutoencoderKL(cfg.vae),
+                          unet=SDXLUNet(cfg.unet))
+
+    if init:
+        return build()
+    with no_init_parameters():
+        return build()
+
+
+def load_sdxl(path_or_id, dtype="float32"):
+    """Load SDXL weights from a single-file .safetensors, a diffusers-format folder or a Hugging
+    Face hub id, strictly, into models of the matching preset, in float32/float16/bfloat16."""
+    from library.models import checkpoint
+    return checkpoint.load(path_or_id, dtype)

@@ -1,0 +1,35 @@
+"""Shared fixtures: the tiny SDXL checkpoint is made once per session, from the same tool and
+seed that the PyTorch reference fixtures were made from (tools/make_tiny_sdxl.py --seed 0)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def run_tool(*args, check=True, env=None):
+    """Run a project script as a user would; returns the CompletedProcess (text mode)."""
+    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny_sdxl.safetensors"
+    run_tool("tools/make_tiny_sdxl.py", "--out", path, "--seed", "0")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_ckpt):
+    from library.models import load_sdxl
+    return load_sdxl(tiny_ckpt)

@@ -98,7 +98,7 @@ def _file_shape(entries):
     if place.transpose:
         return shape[::-1]
     if place.reshape:
-        return shape + (1, 1)
+        return shape[:2]       # a 1x1 conv kernel stored as a Linear weight
     return shape
 
 
@@ -191,7 +191,7 @@ def state_dict_numpy(models, place_of, components=COMPONENTS):
         elif place.transpose:
             out[key] = arrays[0].T
         elif place.reshape:
-            out[key] = arrays[0].reshape(arrays[0].shape + (1, 1))
+            out[key] = arrays[0].reshape(arrays[0].shape[:2])
         else:
             out[key] = arrays[0]
     return out
@@ -255,10 +255,13 @@ def load_diffusers_folder(folder, dtype="float32"):
 
 
 def save_diffusers_folder(models, folder, dtype=None):
-    """Write the models as a diffusers-format folder (weights and config.json per component)."""
-    from library.models.diffusers_config import component_configs
+    """Write the models as a diffusers-format SDXL pipeline folder: weights and config.json per
+    model, both tokenizers, the scheduler config and model_index.json (atomically per file)."""
+    import shutil
+    from library.models import diffusers_config
+    from library.text import TOKENIZER_DIR
     folder = Path(folder)
-    configs = component_configs(models.config)
+    configs = diffusers_config.component_configs(models.config)
     for component in COMPONENTS:
         sub = folder / keymaps.DIFFUSERS_FOLDERS[component]
         sub.mkdir(parents=True, exist_ok=True)
@@ -268,7 +271,15 @@ def save_diffusers_folder(models, folder, dtype=None):
                           tensors, metadata={"format": "pt"},
                           dtype=dtype or _models_dtype(models))
         _write_json(sub / "config.json", configs[component])
-    _write_json(folder / "model_index.json", configs["model_index"])
+    for sub, pad in (("tokenizer", diffusers_config.EOS), ("tokenizer_2", "!")):
+        (folder / sub).mkdir(exist_ok=True)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(Path(TOKENIZER_DIR) / name, folder / sub / name)
+        for name, content in diffusers_config.tokenizer_files(pad).items():
+            _write_json(folder / sub / name, content)
+    (folder / "scheduler").mkdir(exist_ok=True)
+    _write_json(folder / "scheduler" / "scheduler_config.json", diffusers_config.SCHEDULER)
+    _write_json(folder / "model_index.json", diffusers_config.MODEL_INDEX)
 
 
 def _write_json(path, obj):

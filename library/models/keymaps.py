@@ -4,8 +4,8 @@ Pure Python: a map takes one of our parameter names and returns where that tenso
 file, as a `Place(key, part, transpose, as_conv)`:
   - `part` i of 3: the tensor is the i-th third (along axis 0) of a fused q/k/v tensor (OpenCLIP);
   - `transpose`: the file stores the matrix transposed (TE2's text_projection, Stability's P);
-  - `reshape`: the file stores the tensor with another shape (a VAE attention Linear in diffusers
-    versus a 1x1 conv in LDM).
+  - `reshape`: the file stores our 1x1 conv kernel (C, C, 1, 1) as a Linear weight (C, C)
+    (the VAE's mid-block attention in diffusers).
 Loading inverts the map over the model's own names, so strictness (every key used, every
 parameter filled) falls out of it.
 """

@@ -1,0 +1,439 @@
+"""Dataset configuration: kohya's dataset TOML, its command-line options and its legacy forms.
+
+`add_dataset_arguments` adds kohya's dataset options (same names, same defaults) to a parser;
+`resolve_dataset_configs` turns the parsed namespace (plus `--dataset_config`, or the legacy
+`--train_data_dir`/`--reg_data_dir`/`--in_json`) into validated `DatasetConfig`s. Precedence is
+kohya's: subset > dataset > [general] > command line > default, first value that is set wins.
+
+The schema is kohya's (library/config_util.py ConfigSanitizer) with one addition,
+`true_crop_top_left`, and stricter checks: an unknown key, a wrong type, a key kohya accepts but
+this port does not implement, or an out-of-range value is a UserError that names the key, the
+table (e.g. `datasets[0].subsets[1]`) and the file.
+"""
+
+import argparse
+import difflib
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+
+import toml
+
+from library.data.captions import CaptionOptions
+from library.data.images import RESIZE_INTERPOLATIONS
+from library.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------- schema
+# type names: how a value is checked and how the expected type is worded in an error
+_TYPES = {
+    "bool": ("a boolean (true or false)", lambda v: isinstance(v, bool)),
+    # bool is a subclass of int in Python (and voluptuous accepts `num_repeats = true`); not here
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a float (write 0.0, not 0, as kohya requires)", lambda v: isinstance(v, float)),
+    "number": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "dict": ("a table", lambda v: isinstance(v, dict)),
+    "resolution": ("an integer or a list of two integers, e.g. 1024 or [832, 1216]",
+                   lambda v: _TYPES["int"][1](v) or (isinstance(v, list) and len(v) == 2
+                                                     and all(_TYPES["int"][1](x) for x in v))),
+    "pair": ("a list of two floats", lambda v: isinstance(v, list) and len(v) == 2
+             and all(isinstance(x, float) for x in v)),
+}
+
+SUBSET_ASCENDABLE = {
+    "color_aug": "bool", "face_crop_aug_range": "pair", "flip_aug": "bool", "num_repeats": "int",
+    "random_crop": "bool", "shuffle_caption": "bool", "keep_tokens": "int", "keep_tokens_separator": "str",
+    "secondary_separator": "str", "caption_separator": "str", "enable_wildcard": "bool",
+    "token_warmup_min": "int", "token_warmup_step": "number", "caption_prefix": "str", "caption_suffix": "str",
+    "custom_attributes": "dict", "resize_interpolation": "str",
+}
+DROPOUT_ASCENDABLE = {
+    "caption_dropout_every_n_epochs": "int", "caption_dropout_rate": "number", "caption_tag_dropout_rate": "number",
+}
+DREAMBOOTH_ASCENDABLE = {"caption_extension": "str", "class_tokens": "str", "cache_info": "bool"}
+DREAMBOOTH_SUBSET_ONLY = {"image_dir": "str", "is_reg": "bool", "alpha_mask": "bool"}
+FINETUNE_SUBSET_ONLY = {"metadata_file": "str", "image_dir": "str", "alpha_mask": "bool"}
+DATASET_ASCENDABLE = {
+    "batch_size": "int", "bucket_no_upscale": "bool", "bucket_reso_steps": "int", "enable_bucket": "bool",
+    "max_bucket_reso": "int", "min_bucket_reso": "int", "validation_seed": "int", "validation_split": "float",
+    "resolution": "resolution", "network_multiplier": "float", "resize_interpolation": "str",
+    # this port's addition: report the real crop offset instead of kohya's (see docs/dataset.md)
+    "true_crop_top_left": "bool",
+}
+
+GENERAL_KEYS = {**DATASET_ASCENDABLE, **SUBSET_ASCENDABLE, **DREAMBOOTH_ASCENDABLE, **DROPOUT_ASCENDABLE}
+DREAMBOOTH_DATASET_KEYS = {**GENERAL_KEYS, "subsets": "list"}
+FINETUNE_DATASET_KEYS = {**DATASET_ASCENDABLE, **SUBSET_ASCENDABLE, **DROPOUT_ASCENDABLE, "subsets": "list"}
+DREAMBOOTH_SUBSET_KEYS = {**SUBSET_ASCENDABLE, **DREAMBOOTH_SUBSET_ONLY, **DREAMBOOTH_ASCENDABLE, **DROPOUT_ASCENDABLE}
+FINETUNE_SUBSET_KEYS = {**SUBSET_ASCENDABLE, **FINETUNE_SUBSET_ONLY, **DROPOUT_ASCENDABLE}
+
+# keys kohya accepts that this port does not implement, with what to do instead
+UNSUPPORTED_KEYS = {
+    "face_crop_aug_range": "face-centred cropping (it only acts with bucketing off) is not implemented; "
+                           "remove it and use enable_bucket",
+    "cache_info": "the metadata_cache.json image-info cache is not implemented (image sizes are read from "
+                  "file headers, which is fast); remove it",
+    "conditioning_data_dir": "ControlNet / mask datasets are not supported; use alpha_mask for masked loss",
+}
+
+# kohya's argparse names that map to a different config key
+_ARG_TO_KEY = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"}
+
+
+# ---------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class SubsetConfig:
+    """One [[datasets.subsets]] table, fully resolved."""
+
+    image_dir: str
+    metadata_file: str = None          # set for a fine-tuning subset
+    is_reg: bool = False
+    alpha_mask: bool = False
+    class_tokens: str = None
+    caption_extension: str = ".caption"
+    num_repeats: int = 1
+    color_aug: bool = False
+    flip_aug: bool = False
+    random_crop: bool = False
+    resize_interpolation: str = None
+    custom_attributes: dict = field(default_factory=dict, hash=False, compare=False)
+    caption: CaptionOptions = CaptionOptions()
+    where: str = ""                    # e.g. "datasets[0].subsets[1] of my.toml", for messages
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One [[datasets]] table, fully resolved."""
+
+    subsets: tuple
+    is_dreambooth: bool
+    resolution: tuple
+    batch_size: int = 1
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False
+    network_multiplier: float = 1.0
+    resize_interpolation: str = None
+    validation_split: float = 0.0
+    validation_seed: int = None
+    prior_loss_weight: float = 1.0
+    true_crop_top_left: bool = False
+    skip_corrupt_images: bool = False
+    debug_dataset: bool = False
+    where: str = ""
+
+
+# ---------------------------------------------------------------------------------- CLI
+def add_dataset_arguments(parser):
+    """Add kohya's dataset options (train_util.add_dataset_arguments and the dataset-related
+    training options) with kohya's names and defaults, plus this port's two additions. The
+    trainer builds its parser with this, so it must not define these names itself."""
+    a = parser.add_argument
+    a("--dataset_config", type=str, default=None, help="dataset TOML or JSON (kohya's format)")
+    a("--train_data_dir", type=str, default=None, help="parent of `N_class` image folders (legacy form)")
+    a("--reg_data_dir", type=str, default=None, help="parent of `N_class` regularisation folders (legacy form)")
+    a("--in_json", type=str, default=None, help="fine-tuning metadata JSON for --train_data_dir (legacy form)")
+    a("--dataset_repeats", type=int, default=1, help="num_repeats for --in_json")
+    a("--resolution", type=str, default=None, help="'size' or 'width,height'; buckets keep this area")
+    a("--train_batch_size", type=int, default=1)
+    a("--enable_bucket", action="store_true", help="aspect-ratio bucketing (set it for SDXL)")
+    a("--min_bucket_reso", type=int, default=256)
+    a("--max_bucket_reso", type=int, default=1024, help="kohya's default 1024 loses area at 1024^2; use 2048")
+    a("--bucket_reso_steps", type=int, default=64, help="bucket side granularity; a multiple of 32 for SDXL")
+    a("--bucket_no_upscale", action="store_true")
+    a("--resize_interpolation", type=str, default=None, choices=RESIZE_INTERPOLATIONS)
+    a("--caption_extension", type=str, default=".caption", help="kohya's default is .caption, not .txt")
+    a("--caption_extention", type=str, default=None, help=argparse.SUPPRESS)  # kohya's misspelled alias
+    a("--cache_info", action="store_true", help="not supported (an error)")
+    a("--shuffle_caption", action="store_true")
+    a("--caption_separator", type=str, default=",")
+    a("--keep_tokens", type=int, default=0)
+    a("--keep_tokens_separator", type=str, default="")
+    a("--secondary_separator", type=str, default=None)
+    a("--enable_wildcard", action="store_true")
+    a("--caption_prefix", type=str, default=None)
+    a("--caption_suffix", type=str, default=None)
+    a("--caption_dropout_rate", type=float, default=0.0)
+    a("--caption_dropout_every_n_epochs", type=int, default=0)
+    a("--caption_tag_dropout_rate", type=float, default=0.0)
+    a("--token_warmup_min", type=int, default=1)
+    a("--token_warmup_step", type=float, default=0)
+    a("--color_aug", action="store_true")
+    a("--flip_aug", action="store_true")
+    a("--random_crop", action="store_true")
+    a("--face_crop_aug_range", type=str, default=None, help="not supported (an error)")
+    a("--alpha_mask", action="store_true", help="use the image alpha channel as a loss mask")
+    a("--prior_loss_weight", type=float, default=1.0, help="loss weight of regularisation images")
+    a("--debug_dataset", action="store_true")
+    a("--max_data_loader_n_workers", type=int, default=8, help="image-decoding worker processes (0: in-process)")
+    a("--persistent_data_loader_workers", action="store_true")
+    a("--validation_split", type=float, default=0.0)
+    a("--validation_seed", type=int, default=None)
+    a("--true_crop_top_left", action="store_true",
+      help="condition SDXL on the real crop offset instead of kohya's (issue #1443) value")
+    a("--skip_corrupt_images", action="store_true",
+      help="leave out images whose header cannot be read (they are counted and reported) instead of stopping")
+
+
+def _parse_resolution_arg(value):
+    try:
+        parts = tuple(int(p) for p in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) <= 0:
+        raise UserError(f"--resolution {value!r}: expected 'size' or 'width,height' with positive integers")
+    return parts
+
+
+def _args_as_config(args):
+    """The namespace as a config-like dict (kohya's argparse fallback level)."""
+    values = {}
+    for name, value in vars(args).items():
+        values[_ARG_TO_KEY.get(name, name)] = value
+    if args.caption_extention is not None:
+        values["caption_extension"] = args.caption_extention
+    if args.resolution is not None:
+        values["resolution"] = _parse_resolution_arg(args.resolution)
+    values["cache_info"] = args.cache_info or None
+    return values
+
+
+# ---------------------------------------------------------------------------------- loading
+def load_config_file(path):
+    """Read a kohya dataset config (.toml or .json by suffix, like kohya)."""
+    if not os.path.isfile(path):
+        raise UserError(f"dataset config {path} not found")
+    lower = path.lower()
+    try:
+        if lower.endswith(".toml"):
+            return toml.load(path)
+        if lower.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                return json.load(f)
+    except (toml.TomlDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"dataset config {path} is not valid {'TOML' if lower.endswith('.toml') else 'JSON'}: {e}") from None
+    raise UserError(f"dataset config {path}: unsupported format; use a .toml or .json file")
+
+
+def _check_table(table, allowed, where):
+    if not isinstance(table, dict):
+        raise UserError(f"{where}: expected a table")
+    for key, value in table.items():
+        if key in UNSUPPORTED_KEYS and key in allowed:
+            raise UserError(f"{where}: `{key}` is a kohya key this port does not support: {UNSUPPORTED_KEYS[key]}")
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise UserError(f"{where}: unknown key `{key}`.{hint} Allowed keys here: {', '.join(sorted(allowed))}")
+        kind = allowed[key]
+        if kind == "list":
+            continue
+        description, ok = _TYPES[kind]
+        if not ok(value):
+            raise UserError(f"{where}: `{key}` = {value!r} has the wrong type; expected {description}")
+
+
+def validate_user_config(config, source):
+    """Check a loaded config dict against kohya's schema; `source` names the file in messages."""
+    _check_table(config, {"general": "list", "datasets": "list"}, f"top level of {source}")
+    general = config.get("general", {})
+    _check_table(general, GENERAL_KEYS, f"[general] of {source}")
+    datasets = config.get("datasets", [])
+    if not isinstance(datasets, list) or not datasets:
+        raise UserError(f"{source}: no [[datasets]] table; add at least one with a [[datasets.subsets]]")
+    for i, ds in enumerate(datasets):
+        where = f"datasets[{i}] of {source}"
+        if not isinstance(ds, dict):
+            raise UserError(f"{where}: expected a table")
+        subsets = ds.get("subsets", [])
+        if not isinstance(subsets, list) or not subsets or not all(isinstance(s, dict) for s in subsets):
+            raise UserError(f"{where}: needs at least one [[datasets.subsets]] table")
+        with_meta = [("metadata_file" in s) for s in subsets]
+        if any(with_meta) and not all(with_meta):
+            raise UserError(f"{where}: DreamBooth subsets (image_dir only) and fine-tuning subsets (metadata_file) "
+                            f"cannot be mixed in one dataset; put them in separate [[datasets]]")
+        finetune = all(with_meta)
+        _check_table(ds, FINETUNE_DATASET_KEYS if finetune else DREAMBOOTH_DATASET_KEYS, where)
+        for j, sub in enumerate(subsets):
+            swhere = f"datasets[{i}].subsets[{j}] of {source}"
+            _check_table(sub, FINETUNE_SUBSET_KEYS if finetune else DREAMBOOTH_SUBSET_KEYS, swhere)
+            required = "metadata_file" if finetune else "image_dir"
+            if required not in sub:
+                raise UserError(f"{swhere}: `{required}` is required")
+
+
+# ---------------------------------------------------------------------------------- resolving
+def _lookup(key, levels, default=None):
+    for level in levels:
+        value = level.get(key)
+        if value is not None:
+            return value
+    return default
+
+
+def _check_range(where, name, value, lo=None, hi=None):
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise UserError(f"{where}: `{name}` = {value!r} must be {bounds}")
+
+
+def _resolve_subset(levels, finetune, where):
+    def get(key, default=None):
+        return _lookup(key, levels, default)
+
+    caption = CaptionOptions(
+        shuffle_caption=get("shuffle_caption", False), caption_separator=get("caption_separator", ","),
+        keep_tokens=get("keep_tokens", 0), keep_tokens_separator=get("keep_tokens_separator", ""),
+        secondary_separator=get("secondary_separator"), enable_wildcard=get("enable_wildcard", False),
+        caption_prefix=get("caption_prefix"), caption_suffix=get("caption_suffix"),
+        caption_dropout_rate=get("caption_dropout_rate", 0.0),
+        caption_dropout_every_n_epochs=get("caption_dropout_every_n_epochs", 0),
+        caption_tag_dropout_rate=get("caption_tag_dropout_rate", 0.0),
+        token_warmup_min=get("token_warmup_min", 1), token_warmup_step=get("token_warmup_step", 0))
+    for name in ("caption_dropout_rate", "caption_tag_dropout_rate"):
+        _check_range(where, name, getattr(caption, name), 0, 1)
+    for name in ("keep_tokens", "caption_dropout_every_n_epochs", "token_warmup_min"):
+        _check_range(where, name, getattr(caption, name), 0)
+    if not caption.caption_separator:
+        raise UserError(f"{where}: `caption_separator` must not be empty")
+
+    for key in ("face_crop_aug_range", "cache_info"):
+        if get(key):
+            raise UserError(f"{where}: `{key}` (from the config or --{key}) is not supported: {UNSUPPORTED_KEYS[key]}")
+
+    num_repeats = get("num_repeats", 1)
+    if num_repeats < 1:
+        raise UserError(f"{where}: `num_repeats` = {num_repeats} must be at least 1 (kohya silently skips such a "
+                        f"subset; remove the subset instead)")
+    interpolation = get("resize_interpolation")
+    if interpolation is not None and interpolation not in RESIZE_INTERPOLATIONS:
+        raise UserError(f"{where}: `resize_interpolation` = {interpolation!r}; expected one of "
+                        f"{', '.join(RESIZE_INTERPOLATIONS)}")
+    extension = get("caption_extension", ".caption")
+    if extension and not extension.startswith("."):
+        extension = "." + extension  # kohya adds the dot too
+    return SubsetConfig(
+        image_dir=levels[0].get("image_dir"), metadata_file=levels[0].get("metadata_file") if finetune else None,
+        is_reg=levels[0].get("is_reg", False), alpha_mask=get("alpha_mask", False),
+        class_tokens=None if finetune else get("class_tokens"), caption_extension=extension,
+        num_repeats=num_repeats, color_aug=get("color_aug", False), flip_aug=get("flip_aug", False),
+        random_crop=get("random_crop", False), resize_interpolation=interpolation,
+        custom_attributes=get("custom_attributes") or {}, caption=caption, where=where)
+
+
+def _resolve_dataset(ds, general, argcfg, where, source):
+    finetune = all("metadata_file" in s for s in ds["subsets"])
+    levels = [ds, general, argcfg]
+
+    def get(key, default=None):
+        return _lookup(key, levels, default)
+
+    subsets = []
+    seen = set()
+    for j, sub in enumerate(ds["subsets"]):
+        swhere = f"datasets[{where}].subsets[{j}] of {source}"
+        subset = _resolve_subset([sub, ds, general, argcfg], finetune, swhere)
+        identity = subset.metadata_file if finetune else subset.image_dir
+        if identity in seen:
+            raise UserError(f"{swhere}: {identity} is already used by another subset of this dataset (kohya would "
+                            f"silently drop this one); remove the duplicate")
+        seen.add(identity)
+        subsets.append(subset)
+
+    dwhere = f"datasets[{where}] of {source}"
+    resolution = get("resolution")
+    if resolution is None:
+        raise UserError(f"{dwhere}: no resolution; set `resolution` in [general] or [[datasets]], or pass --resolution")
+    resolution = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
+    if min(resolution) <= 0:
+        raise UserError(f"{dwhere}: `resolution` = {list(resolution)} must be positive")
+    config = DatasetConfig(
+        subsets=tuple(subsets), is_dreambooth=not finetune, resolution=resolution,
+        batch_size=get("batch_size", 1), enable_bucket=get("enable_bucket", False),
+        min_bucket_reso=get("min_bucket_reso", 256), max_bucket_reso=get("max_bucket_reso", 1024),
+        bucket_reso_steps=get("bucket_reso_steps", 64), bucket_no_upscale=get("bucket_no_upscale", False),
+        network_multiplier=get("network_multiplier", 1.0), resize_interpolation=get("resize_interpolation"),
+        validation_split=get("validation_split", 0.0), validation_seed=get("validation_seed"),
+        prior_loss_weight=argcfg.get("prior_loss_weight", 1.0), true_crop_top_left=get("true_crop_top_left", False),
+        skip_corrupt_images=argcfg.get("skip_corrupt_images", False), debug_dataset=argcfg.get("debug_dataset", False),
+        where=dwhere)
+    _check_range(dwhere, "batch_size", config.batch_size, 1)
+    _check_range(dwhere, "bucket_reso_steps", config.bucket_reso_steps, 8)
+    _check_range(dwhere, "validation_split", config.validation_split, 0, 1)
+    if config.bucket_reso_steps % 8:
+        raise UserError(f"{dwhere}: `bucket_reso_steps` = {config.bucket_reso_steps} must be a multiple of 8 "
+                        f"(the VAE's downscale factor); SDXL needs a multiple of 32, kohya's default is 64")
+    if config.validation_split > 0 and finetune:
+        raise UserError(f"{dwhere}: `validation_split` only works for DreamBooth-style datasets (kohya ignores it for "
+                        f"fine-tuning ones and validates on the training images); remove it")
+    return config
+
+
+def resolve_dataset_configs(args):
+    """Validated DatasetConfigs from kohya's dataset options (see add_dataset_arguments).
+
+    With --dataset_config the legacy options --train_data_dir/--reg_data_dir/--in_json are
+    ignored (with a warning, as kohya does); every other option acts as a fallback default.
+    """
+    argcfg = _args_as_config(args)
+    if args.dataset_config is not None:
+        if args.train_data_dir or args.reg_data_dir or args.in_json:
+            logger.warning("--dataset_config is given, so --train_data_dir, --reg_data_dir and --in_json are ignored")
+        source = args.dataset_config
+        user = load_config_file(source)
+        validate_user_config(user, source)
+    else:
+        source, user = _legacy_config(args)
+    general = user.get("general", {})
+    return [_resolve_dataset(ds, general, argcfg, i, source) for i, ds in enumerate(user["datasets"])]
+
+
+def _legacy_config(args):
+    """kohya's config for --train_data_dir/--reg_data_dir (DreamBooth folders) or --in_json."""
+    if args.train_data_dir is None:
+        raise UserError("no dataset: pass --dataset_config, or --train_data_dir (with `N_class` folders or --in_json)")
+    if not os.path.isdir(args.train_data_dir):
+        raise UserError(f"--train_data_dir {args.train_data_dir} is not a directory")
+    if args.in_json is not None:
+        if not os.path.isfile(args.in_json):
+            raise UserError(f"--in_json {args.in_json} not found")
+        subsets = [{"image_dir": args.train_data_dir, "metadata_file": args.in_json}]
+        return "--in_json", {"datasets": [{"subsets": subsets}]}
+    subsets = dreambooth_subsets_from_folders(args.train_data_dir, False)
+    if not subsets:
+        raise UserError(f"--train_data_dir {args.train_data_dir} has no `N_class` folders (e.g. `10_sks dog`: "
+                        f"10 repeats, class tokens 'sks dog')")
+    if args.reg_data_dir is not None:
+        if not os.path.isdir(args.reg_data_dir):
+            raise UserError(f"--reg_data_dir {args.reg_data_dir} is not a directory")
+        subsets += dreambooth_subsets_from_folders(args.reg_data_dir, True)
+    return "--train_data_dir", {"datasets": [{"subsets": subsets}]}
+
+
+def dreambooth_subsets_from_folders(parent, is_reg):
+    """kohya's `N_identifier class` folders: the immediate sub-folders of `parent` whose name starts
+    with an integer N >= 1 and "_"; N is num_repeats and the rest is class_tokens. Others are
+    skipped with a warning, as kohya does. Sorted by name (kohya uses directory order)."""
+    subsets = []
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if not os.path.isdir(path):
+            continue
+        head, _, rest = name.partition("_")
+        try:
+            repeats = int(head)
+        except ValueError:
+            logger.warning("ignoring folder %s: its name does not start with a repeat count like `10_`", path)
+            continue
+        if repeats < 1:
+            logger.warning("ignoring folder %s: repeat count %d is below 1", path, repeats)
+            continue
+        subsets.append({"image_dir": path, "num_repeats": repeats, "is_reg": is_reg, "class_tokens": rest})
+    return subsets

@@ -1,0 +1,115 @@
+"""Batches of samples for training, decoded in worker processes, with a resumable position.
+
+    loader = BatchLoader(train_group, seed=args.seed, num_workers=args.max_data_loader_n_workers)
+    loader.load_state_dict(saved)                # optional: resume inside an epoch
+    for batch in loader.epoch(epoch):            # batch: list of sample dicts (dataset.load_sample)
+        ...
+        saved = loader.state_dict()              # {"seed", "epoch", "batch"}: the next batch to yield
+
+Workers are spawned processes (not forked: the trainer's process holds MindSpore threads) that
+return numpy arrays only. Because every sample's randomness comes from its own seeded RNG, the
+batches are identical with 0, 1 or N workers.
+"""
+
+import collections
+import multiprocessing
+import os
+
+from library.data.dataset import load_sample, sample_rng
+from library.errors import UserError
+
+
+def _load_batch(task):
+    """Worker entry point: decode one batch. Top-level so that it pickles."""
+    records, config, seed, epoch, batch_index, step, max_train_steps = task
+    return [load_sample(rec, config, sample_rng(seed, epoch, batch_index, slot), epoch, step, max_train_steps)
+            for slot, rec in enumerate(records)]
+
+
+class BatchLoader:
+    """Iterates a DatasetGroup's batches epoch by epoch.
+
+    num_workers: decoding processes, capped at the CPU count like kohya; 0 decodes in-process.
+    persistent: keep the worker pool between epochs (kohya's --persistent_data_loader_workers).
+    max_train_steps: for token warmup given as a fraction. Each epoch's step numbers start at
+    `first_step` and advance every `batches_per_step` batches (gradient accumulation).
+    """
+
+    def __init__(self, group, seed, num_workers=0, persistent=False, max_train_steps=0, prefetch_per_worker=2):
+        if num_workers < 0:
+            raise UserError(f"--max_data_loader_n_workers {num_workers} must be 0 or more")
+        self.group = group
+        self.seed = seed
+        self.num_workers = min(num_workers, os.cpu_count() or 1)
+        self.persistent = persistent
+        self.max_train_steps = max_train_steps
+        self.prefetch = max(1, self.num_workers * prefetch_per_worker)
+        self._pool = None
+        self._resume = None        # (epoch, batch) set by load_state_dict
+        self._position = {"seed": seed, "epoch": 1, "batch": 0}
+
+    def __len__(self):
+        return self.group.num_batches()
+
+    def state_dict(self):
+        """The position of the next batch: {"seed", "epoch", "batch"} (plain ints, JSON-safe)."""
+        return dict(self._position)
+
+    def load_state_dict(self, state):
+        """Resume at a saved position: the next `epoch(state["epoch"])` starts at its batch."""
+        if state["seed"] != self.seed:
+            raise UserError(f"the saved data position was made with seed {state['seed']}, this run uses {self.seed}; "
+                            f"resume with the same --seed")
+        self._resume = (state["epoch"], state["batch"])
+        self._position = dict(state)
+
+    def _tasks(self, epoch, start, first_step, batches_per_step):
+        batches = self.group.epoch_batches(self.seed, epoch)
+        for index in range(start, len(batches)):
+            di, record_indices = batches[index]
+            ds = self.group.datasets[di]
+            records = [ds.records[i] for i in record_indices]
+            step = first_step + index // batches_per_step
+            yield index, (records, ds.config, self.seed, epoch, index, step, self.max_train_steps)
+
+    def epoch(self, epoch, first_step=0, batches_per_step=1):
+        """Yield the batches of `epoch` (1-based, as kohya counts), from the resume point if one
+        was loaded for this epoch."""
+        start = 0
+        if self._resume is not None and self._resume[0] == epoch:
+            start = self._resume[1]
+        self._resume = None
+        tasks = self._tasks(epoch, start, first_step, batches_per_step)
+        if self.num_workers == 0:
+            results = ((index, _load_batch(task)) for index, task in tasks)
+        else:
+            results = self._parallel(tasks)
+        try:
+            for index, batch in results:
+                self._position = {"seed": self.seed, "epoch": epoch, "batch": index + 1}
+                yield batch
+            self._position = {"seed": self.seed, "epoch": epoch + 1, "batch": 0}
+        finally:
+            if not self.persistent:
+                self.close()
+
+    def _parallel(self, tasks):
+        """Ordered results with at most `prefetch` batches in flight, so memory stays bounded."""
+        if self._pool is None:
+            self._pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
+        pending = collections.deque()
+        for index, task in tasks:
+            pending.append((index, self._pool.apply_async(_load_batch, (task,))))
+            if len(pending) >= self.prefetch:
+                done_index, result = pending.popleft()
+                yield done_index, result.get()
+        while pending:
+            done_index, result = pending.popleft()
+            yield done_index, result.get()
+
+    def close(self):
+        """Stop the worker processes (also done at the end of each epoch unless persistent)."""
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None

@@ -121,19 +121,25 @@ def math_attention(q, k, v, heads, mask=None):
     return out.transpose(0, 2, 1, 3).reshape(b, n, c)
 
 
-def _flash_attention(q, k, v, heads):
-    scale = (q.shape[-1] // heads) ** -0.5
-    return ops.flash_attention_score(q, k, v, heads, input_layout="BSH", scale_value=scale)
+class Attention(nn.Cell):
+    """Unmasked multi-head attention on (B, L, C) tensors: Ascend's fused flash-attention kernel
+    there (float16/bfloat16 inputs), math attention elsewhere.
 
-
-def attention(q, k, v, heads):
-    """Unmasked attention on (B, L, C) tensors: Ascend's fused kernel there, math elsewhere.
-
-    The choice is made when the graph is traced, so a compiled step holds one path only.
+    The backend is fixed when the cell is built, so a compiled graph holds one path only and the
+    device is never queried inside a graph.
     """
-    if device.is_ascend() and q.dtype in (ms.float16, ms.bfloat16):
-        return _flash_attention(q, k, v, heads)
-    return math_attention(q, k, v, heads)
+
+    def __init__(self, heads):
+        super().__init__()
+        self.heads = heads
+        self.use_flash = device.is_ascend()
+
+    def construct(self, q, k, v):
+        if self.use_flash and q.dtype != ms.float32:
+            scale = (q.shape[-1] // self.heads) ** -0.5
+            return ops.flash_attention_score(q, k, v, self.heads, input_layout="BSH",
+                                             scale_value=scale)
+        return math_attention(q, k, v, self.heads)
 
 
 def timestep_embedding(t, dim, max_period=10000):

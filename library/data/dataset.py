@@ -351,7 +351,7 @@ def _txt_hint(subset, paths):
     if subset.caption_extension == ".txt":
         return ""
     if any(os.path.isfile(os.path.splitext(p)[0] + ".txt") for p in paths):
-        return f". There are .txt files beside the images: set caption_extension = \".txt\" to use them"
+        return ". There are .txt files beside the images: set caption_extension = \".txt\" to use them"
     return ""
 
 

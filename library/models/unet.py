@@ -57,14 +57,14 @@ class Upsample(nn.Cell):
 class CrossAttention(nn.Cell):
     def __init__(self, dim, context_dim, heads):
         super().__init__()
-        self.heads = heads
+        self.attention = layers.Attention(heads)
         self.to_q = layers.Linear(dim, dim, bias=False)
         self.to_k = layers.Linear(context_dim, dim, bias=False)
         self.to_v = layers.Linear(context_dim, dim, bias=False)
         self.to_out = nn.SequentialCell([layers.Linear(dim, dim)])
 
     def construct(self, x, context):
-        out = layers.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = self.attention(self.to_q(x), self.to_k(context), self.to_v(context))
         return self.to_out(out)
 
 
@@ -214,8 +214,10 @@ class SDXLUNet(nn.Cell):
             h = block(h, emb, context)
             skips.append(h)
         h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
-            h = block(ops.cat([h, skips.pop()], axis=1), emb, context)
+        # Indexing, not list.pop(): pop() does not survive graph compilation.
+        n = len(skips)
+        for i, block in enumerate(self.output_blocks):
+            h = block(ops.cat([h, skips[n - 1 - i]], axis=1), emb, context)
         return self.out(h).astype(x.dtype)
 
 

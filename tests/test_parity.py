@@ -14,7 +14,7 @@ from mindspore import Tensor
 
 from library.models import load_sdxl
 from library.models.checkpoint import save_diffusers_folder
-from library.models.unet import size_embedding
+from library.conditioning import size_embedding
 from library.safetensors_io import SafetensorsFile
 from library.text import load_tokenizers, tokenize
 from conftest import FIXTURES
@@ -78,7 +78,11 @@ def test_tokenizers_give_the_reference_ids(ref):
     tok1, tok2 = load_tokenizers()
     prompts = [str(p) for p in ref["te_prompts"]]
     assert np.array_equal(tokenize(tok1, prompts), ref["te1_input_ids"])
-    assert np.array_equal(tokenize(tok2, prompts), ref["te2_input_ids"])
+    # The reference tokenizer 2 declared "!" as its pad token (diffusers' tokenizer_2 does), which
+    # turns a literal "!" into id 0; kohya only sets the pad id, so "!" stays 256 there and here.
+    ours, theirs = tokenize(tok2, prompts), ref["te2_input_ids"]
+    differs = ours != theirs
+    assert (ours[differs] == 256).all() and (theirs[differs] == 0).all() and differs.sum() == 1
     assert tok2.pad_token_id == 0 and tok1.pad_token_id == 49407
 
 
@@ -107,3 +111,12 @@ def test_diffusers_folder_matches_what_diffusers_writes(diffusers_folder):
             assert list(values.shape) == shape, key
             assert abs(values.sum() - total) <= 1e-4 * max(1.0, abs_total), key
             assert abs(np.abs(values).sum() - abs_total) <= 1e-5 * max(1.0, abs_total), key
+
+
+def test_unet_in_graph_mode_matches_the_reference(tiny_models, ref):
+    """The same forward compiled as one graph (how training and generation run it)."""
+    import mindspore as ms
+    unet = ms.jit(tiny_models.unet.construct)
+    out = unet(Tensor(ref["unet_x"]), Tensor(ref["unet_timesteps"]),
+               Tensor(ref["unet_context"]), Tensor(ref["unet_y"]))
+    assert rel_err(out, ref["unet_out"]) < TOLERANCE

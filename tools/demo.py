@@ -61,16 +61,6 @@ def euler_sigmas(steps):
     return timesteps, np.append(sigmas, 0.0)
 
 
-def encode_prompt(models, prompt):
-    """SDXL's text conditioning: (context B x 77 x (h1 + h2), pooled B x proj)."""
-    from mindspore import Tensor, ops
-    from library.text import load_tokenizers, tokenize
-    tok1, tok2 = load_tokenizers()
-    _, _, h1 = models.text_encoder1(Tensor(tokenize(tok1, [prompt])))
-    _, pooled, h2 = models.text_encoder2(Tensor(tokenize(tok2, [prompt])))
-    return ops.cat([h1[-2], h2[-2]], axis=-1), pooled
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out")
@@ -80,10 +70,11 @@ def main():
     os.makedirs(args.out, exist_ok=True)
 
     import mindspore as ms
-    from mindspore import Tensor, ops
+    from mindspore import Tensor
     from PIL import Image
+    from library.conditioning import encode_text, vector_condition
     from library.models import load_sdxl
-    from library.models.unet import size_embedding
+    from library.text import load_tokenizers, tokenize_chunks
 
     ckpt = os.path.join(args.out, "tiny_sdxl.safetensors")
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tiny_sdxl.py"), "--out",
@@ -102,10 +93,11 @@ def main():
     round_trip = to_image(models.vae.decode(latent / scale))
     print(f"VAE round trip of a {SIZE}x{SIZE} picture: {time.time() - start:.1f} s")
 
-    context, pooled = encode_prompt(models, PROMPT)
+    tok1, tok2 = load_tokenizers()
+    context, pooled = encode_text(models.text_encoder1, models.text_encoder2,
+                                  tokenize_chunks(tok1, [PROMPT]), tokenize_chunks(tok2, [PROMPT]))
     sizes = Tensor(np.array([[SIZE, SIZE]], np.float32))
-    y = ops.cat([pooled, size_embedding(sizes, sizes * 0, sizes,
-                                        models.config.unet.size_embed_dim)], axis=1)
+    y = vector_condition(pooled, sizes, sizes * 0, sizes, models.config.unet.size_embed_dim)
     unet = ms.jit(models.unet.construct)
     timesteps, sigmas = euler_sigmas(args.steps)
     x = Tensor(rng.standard_normal((1, 4, SIZE // 8, SIZE // 8), dtype=np.float32) * sigmas[0])

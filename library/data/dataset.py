@@ -3,8 +3,8 @@
     configs = resolve_dataset_configs(args)                 # library.data.config
     train, val = build_dataset_groups(configs, seed=args.seed)
     train.bucket_shapes()                                   # [(w, h), ...] to compile for
-    for batch in train.epoch_batches(seed, epoch=1):        # [(dataset_index, [record, ...]), ...]
-        samples = [train.load_sample(...)]                  # or library.data.loader.BatchLoader
+    train.epoch_batches(seed, epoch=1)                      # [(dataset_index, [record_index, ...]), ...]
+    BatchLoader(train, seed).epoch(1)                       # library.data.loader: the decoded batches
 
 Batches never mix buckets. The order of an epoch is a pure function of (seed, epoch), so a
 resumed run continues exactly where it stopped (see library.data.loader for the position
@@ -118,11 +118,6 @@ class DatasetGroup:
         rng.shuffle(batches)
         return batches
 
-    def load_sample(self, dataset_index, record_index, rng, epoch=1, step=0, max_train_steps=0):
-        """Decode and prepare one sample (see load_sample)."""
-        ds = self.datasets[dataset_index]
-        return load_sample(ds.records[record_index], ds.config, rng, epoch, step, max_train_steps)
-
 
 def sample_rng(seed, epoch, batch_index, slot):
     """The RNG of one sample; string seeds hash with SHA-512, the same in every process."""
@@ -152,7 +147,9 @@ def conditioning(record, config, crop_xy=None, flipped=False):
 def load_sample(record, config, rng, epoch=1, step=0, max_train_steps=0):
     """One training sample as a dict of numpy arrays and plain values:
 
-    image            float32 CHW in [-1, 1], the bucket's size
+    image            uint8 HWC RGB, the bucket's size (BatchLoader turns it into float32 CHW in
+                     [-1, 1] in the training process: uint8 is a quarter of the bytes to send
+                     from a worker)
     alpha_mask       float32 HW in [0, 1] when the subset sets alpha_mask, else None
     caption          the processed caption (shuffle, dropout, wildcards, ... applied)
     original_size_hw, crop_top_left, target_size_hw   SDXL's size conditioning (ints)
@@ -182,7 +179,7 @@ def load_sample(record, config, rng, epoch=1, step=0, max_train_steps=0):
     alpha = img[..., 3].astype(np.float32) / 255.0 if subset.alpha_mask else None
     caption = process_caption(record.caption, subset.caption, rng, epoch, step, max_train_steps)
     return {
-        "image": images.to_chw_float(img[..., :3]),
+        "image": np.ascontiguousarray(img[..., :3]),
         "alpha_mask": alpha,
         "caption": caption,
         "original_size_hw": orig_hw,

@@ -2,7 +2,8 @@
 
     loader = BatchLoader(train_group, seed=args.seed, num_workers=args.max_data_loader_n_workers)
     loader.load_state_dict(saved)                # optional: resume inside an epoch
-    for batch in loader.epoch(epoch):            # batch: list of sample dicts (dataset.load_sample)
+    for batch in loader.epoch(epoch):            # batch: list of sample dicts (dataset.load_sample),
+                                                 # "image" as float32 CHW in [-1, 1]
         ...
         saved = loader.state_dict()              # {"seed", "epoch", "batch"}: the next batch to yield
 
@@ -16,6 +17,7 @@ import multiprocessing
 import os
 
 from library.data.dataset import load_sample, sample_rng
+from library.data.images import to_chw_float
 from library.errors import UserError
 
 
@@ -86,6 +88,8 @@ class BatchLoader:
             results = self._parallel(tasks)
         try:
             for index, batch in results:
+                for sample in batch:
+                    sample["image"] = to_chw_float(sample["image"])
                 self._position = {"seed": self.seed, "epoch": epoch, "batch": index + 1}
                 yield batch
             self._position = {"seed": self.seed, "epoch": epoch + 1, "batch": 0}

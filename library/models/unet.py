@@ -7,7 +7,6 @@ in a kohya LoRA, so neither loading nor LoRA naming needs a lookup table.
 Called as kohya's: `unet(x, timesteps, context, y)`.
 """
 
-import mindspore as ms
 from mindspore import nn, ops
 
 from library import layers
@@ -220,10 +219,3 @@ class SDXLUNet(nn.Cell):
             h = block(ops.cat([h, skips[n - 1 - i]], axis=1), emb, context)
         return self.out(h).astype(x.dtype)
 
-
-def size_embedding(original_size_hw, crop_top_left, target_size_hw, dim):
-    """SDXL's size conditioning: six scalars, each a `dim`-wide sinusoid (cos first), concatenated
-    in the order original (h, w), crop (top, left), target (h, w). Inputs are (B, 2) tensors."""
-    sizes = ops.cat([original_size_hw, crop_top_left, target_size_hw], axis=1).astype(ms.float32)
-    b = sizes.shape[0]
-    return layers.timestep_embedding(sizes.reshape(-1), dim).reshape(b, 6 * dim)

@@ -1,0 +1,50 @@
+"""SDXL conditioning as kohya trains it: the text context, the pooled text vector and the
+size-conditioning vector `y` the UNet takes.
+
+Text: TE1's penultimate hidden state (kohya's `hidden_states[11]` of 12 layers) and TE2's
+penultimate hidden state, both without the final layer norm, concatenated on the channel axis;
+pooled = TE2's final-normed state at the first EOS of the first chunk, through text_projection.
+With --max_token_length the n chunks of 77 are merged back to 75n + 2 positions: chunk 0's BOS,
+75 tokens of each chunk, and the last position of the last chunk.
+"""
+
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+
+from library import layers
+
+
+def merge_chunks(hidden, n_chunks):
+    """(B*n, 77, C) -> (B, 75n + 2, C); a single chunk stays (B, 77, C)."""
+    b = hidden.shape[0] // n_chunks
+    hidden = hidden.reshape(b, n_chunks * 77, hidden.shape[-1])
+    if n_chunks == 1:
+        return hidden
+    pieces = [hidden[:, :1]] + [hidden[:, 77 * k + 1:77 * k + 76] for k in range(n_chunks)]
+    return ops.cat(pieces + [hidden[:, -1:]], axis=1)
+
+
+def encode_text(text_encoder1, text_encoder2, ids1, ids2):
+    """ids (B, n, 77) from `library.text.tokenize_chunks` -> (context (B, L, C1 + C2), pooled
+    (B, P)), L = 77 or 75n + 2."""
+    ids1, ids2 = Tensor(np.asarray(ids1, np.int32)), Tensor(np.asarray(ids2, np.int32))
+    b, n = ids1.shape[:2]
+    _, _, hidden1 = text_encoder1(ids1.reshape(b * n, 77))
+    _, pooled, hidden2 = text_encoder2(ids2.reshape(b * n, 77))
+    context = ops.cat([merge_chunks(hidden1[-2], n), merge_chunks(hidden2[-2], n)], axis=-1)
+    return context, pooled.reshape(b, n, -1)[:, 0]
+
+
+def size_embedding(original_size_hw, crop_top_left, target_size_hw, dim):
+    """SDXL's size conditioning: six scalars, each a `dim`-wide sinusoid (cos first), in the order
+    original (h, w), crop (top, left), target (h, w). Inputs are (B, 2) tensors."""
+    sizes = ops.cat([original_size_hw, crop_top_left, target_size_hw], axis=1).astype(ms.float32)
+    b = sizes.shape[0]
+    return layers.timestep_embedding(sizes.reshape(-1), dim).reshape(b, 6 * dim)
+
+
+def vector_condition(pooled, original_size_hw, crop_top_left, target_size_hw, size_embed_dim):
+    """The UNet's `y`: pooled text (B, P) followed by the size embedding (B, 6 * dim)."""
+    emb = size_embedding(original_size_hw, crop_top_left, target_size_hw, size_embed_dim)
+    return ops.cat([pooled.astype(emb.dtype), emb], axis=1)

@@ -25,15 +25,37 @@ def merge_chunks(hidden, n_chunks):
     return ops.cat(pieces + [hidden[:, -1:]], axis=1)
 
 
-def encode_text(text_encoder1, text_encoder2, ids1, ids2):
+def encode_text(text_encoder1, text_encoder2, ids1, ids2, weights1=None, weights2=None):
     """ids (B, n, 77) from `library.text.tokenize_chunks` -> (context (B, L, C1 + C2), pooled
-    (B, P)), L = 77 or 75n + 2."""
+    (B, P)), L = 77 or 75n + 2.
+
+    With --weighted_captions, `weights1`/`weights2` (B, n, 77) from `library.text.tokenize_weighted`
+    scale each encoder's hidden states position by position, as kohya's training does
+    (encode_tokens_with_weights): no re-normalisation of the mean (that is the generator's rule),
+    and the pooled vector is not weighted.
+    """
     ids1, ids2 = Tensor(np.asarray(ids1, np.int32)), Tensor(np.asarray(ids2, np.int32))
     b, n = ids1.shape[:2]
     _, _, hidden1 = text_encoder1(ids1.reshape(b * n, 77))
     _, pooled, hidden2 = text_encoder2(ids2.reshape(b * n, 77))
-    context = ops.cat([merge_chunks(hidden1[-2], n), merge_chunks(hidden2[-2], n)], axis=-1)
+    hidden1, hidden2 = merge_chunks(hidden1[-2], n), merge_chunks(hidden2[-2], n)
+    if weights1 is not None:
+        hidden1 = hidden1 * Tensor(merge_weights(weights1))[:, :, None].astype(hidden1.dtype)
+    if weights2 is not None:
+        hidden2 = hidden2 * Tensor(merge_weights(weights2))[:, :, None].astype(hidden2.dtype)
+    context = ops.cat([hidden1, hidden2], axis=-1)
     return context, pooled.reshape(b, n, -1)[:, 0]
+
+
+def merge_weights(weights):
+    """Per-token weights (B, n, 77) -> (B, L) matching `merge_chunks`: one chunk as is; n chunks
+    as 1.0, the 75 inner weights of each chunk, 1.0 (kohya's slices [75k+1 : 75k+76])."""
+    weights = np.asarray(weights, np.float32)
+    b, n = weights.shape[:2]
+    if n == 1:
+        return weights[:, 0]
+    ones = np.ones((b, 1), np.float32)
+    return np.concatenate([ones, weights[:, :, 1:76].reshape(b, 75 * n), ones], axis=1)
 
 
 def size_embedding(original_size_hw, crop_top_left, target_size_hw, dim):

@@ -6,6 +6,7 @@ EOS (49407) like OpenAI's CLIP, tokenizer 2 pads with id 0 ("!") like OpenCLIP, 
 
 import logging
 import os
+import re
 from functools import lru_cache
 
 import numpy as np
@@ -14,6 +15,8 @@ TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
                              "configs", "clip_tokenizer")
 MAX_LENGTH = 77
 BOS_ID, EOS_ID = 49406, 49407
+
+logger = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=None)
@@ -59,8 +62,12 @@ def tokenize_chunks(tokenizer, texts, max_token_length=None):
     A tokenizer that pads with something other than EOS (tokenizer 2) gets kohya's fix-ups: a
     chunk whose last real token is cut off ends in EOS, and an empty chunk starts BOS, EOS.
     """
-    length = token_length(max_token_length)
-    ids = tokenize(tokenizer, texts, length)
+    return _chunk(tokenizer, tokenize(tokenizer, texts, token_length(max_token_length)))
+
+
+def _chunk(tokenizer, ids):
+    """(B, 75n + 2) ids -> (B, n, 77) chunks, with kohya's fix-ups for a non-EOS pad."""
+    length = ids.shape[1]
     if length == MAX_LENGTH:
         return ids[:, None, :]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -73,3 +80,105 @@ def tokenize_chunks(tokenizer, texts, max_token_length=None):
             chunk[chunk[:, 1] == pad, 1] = eos
         chunks.append(chunk)
     return np.stack(chunks, axis=1)
+
+
+# ------------------------------------------------------------------------- weighted captions
+# A1111's attention syntax, as kohya's training parser (strategy_base.TokenizeStrategy
+# ._get_weighted_input_ids.parse_prompt_attention) reads it.
+_RE_ATTENTION = re.compile(r"""
+\\\(|
+\\\)|
+\\\[|
+\\]|
+\\\\|
+\\|
+\(|
+\[|
+:([+-]?[.\d]+)\)|
+\)|
+]|
+[^\\()\[\]:]+|
+:
+""", re.X)
+
+
+def parse_prompt_attention(text):
+    """[[text, weight], ...] for A1111 attention syntax: `(x)` multiplies by 1.1, `[x]` divides
+    by 1.1, `(x:w)` multiplies by w, `\\(` `\\)` `\\[` `\\]` `\\\\` are literals; unclosed
+    brackets still apply to the rest, and runs of equal weight are merged.
+
+    >>> parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")[:2]
+    [['a ', 1.0], ['house', 1.5730000000000004]]
+    """
+    res, round_brackets, square_brackets = [], [], []
+
+    def multiply_range(start, multiplier):
+        for p in range(start, len(res)):
+            res[p][1] *= multiplier
+
+    for m in _RE_ATTENTION.finditer(text):
+        piece, weight = m.group(0), m.group(1)
+        if piece.startswith("\\"):
+            res.append([piece[1:], 1.0])
+        elif piece == "(":
+            round_brackets.append(len(res))
+        elif piece == "[":
+            square_brackets.append(len(res))
+        elif weight is not None and round_brackets:
+            multiply_range(round_brackets.pop(), float(weight))
+        elif piece == ")" and round_brackets:
+            multiply_range(round_brackets.pop(), 1.1)
+        elif piece == "]" and square_brackets:
+            multiply_range(square_brackets.pop(), 1 / 1.1)
+        else:
+            res.append([piece, 1.0])
+    for pos in round_brackets:
+        multiply_range(pos, 1.1)
+    for pos in square_brackets:
+        multiply_range(pos, 1 / 1.1)
+    if not res:
+        res = [["", 1.0]]
+    i = 0
+    while i + 1 < len(res):
+        if res[i][1] == res[i + 1][1]:
+            res[i][0] += res[i + 1][0]
+            res.pop(i + 1)
+        else:
+            i += 1
+    return res
+
+
+def _weighted_ids(tokenizer, text, length):
+    """One caption -> (ids, weights) of `length`: BOS, the tokens of each weighted piece
+    (tokenized separately, as kohya does), EOS, padding; weight 1.0 on the special tokens."""
+    budget = length - 2
+    tokens, weights = [], []
+    for piece, weight in parse_prompt_attention(text):
+        piece_tokens = tokenizer(piece).input_ids[1:-1]
+        tokens += piece_tokens
+        weights += [weight] * len(piece_tokens)
+        if len(tokens) > budget:
+            break
+    if len(tokens) > budget:
+        logger.warning("weighted caption truncated to %d tokens (raise --max_token_length): %.60s...", budget, text)
+        tokens, weights = tokens[:budget], weights[:budget]
+    ids = [tokenizer.bos_token_id] + tokens + [tokenizer.eos_token_id] + [tokenizer.pad_token_id] * (budget - len(tokens))
+    weights = [1.0] + weights + [1.0] * (length - 1 - len(weights))
+    return ids, weights
+
+
+def tokenize_weighted(tokenizer, texts, max_token_length=None):
+    """kohya's tokenize_with_weights for one tokenizer: (ids (B, n, 77) int32, weights (B, n, 77)
+    float32). The ids are chunked like `tokenize_chunks` (with the same fix-ups); each chunk's
+    weights are 1.0 at its first and last position and the pieces' weights between."""
+    length = token_length(max_token_length)
+    pairs = [_weighted_ids(tokenizer, t, length) for t in texts]
+    ids = _chunk(tokenizer, np.array([p[0] for p in pairs], dtype=np.int32).reshape(len(pairs), length))
+    flat = np.array([p[1] for p in pairs], dtype=np.float32).reshape(len(pairs), length)
+    n = ids.shape[1]
+    if n == 1:
+        return ids, flat[:, None, :]
+    weights = np.ones(ids.shape, np.float32)
+    for k in range(n):
+        weights[:, k, 1:MAX_LENGTH - 1] = flat[:, 1 + k * (MAX_LENGTH - 2):1 + (k + 1) * (MAX_LENGTH - 2)]
+    return ids, weights

@@ -163,3 +163,13 @@ def metadata_caption(entry, separator, enable_wildcard):
     if tags:
         caption = caption + separator + tags if caption else tags
     return caption
+
+
+def metadata_tags(entry, separator, enable_wildcard):
+    """The `tags` of a metadata entry as kohya counts them for ss_tag_frequency, or None when it
+    counts nothing: with wildcards every tags value (newlines turned into the separator), else
+    only non-empty ones."""
+    tags = entry.get("tags")
+    if enable_wildcard:
+        return None if tags is None else tags.replace("\n", separator)
+    return tags if tags else None

@@ -24,7 +24,7 @@ import numpy as np
 
 from library.data import images
 from library.data.buckets import BucketChoice, BucketSelector, adjust_min_max_bucket_reso, size_conditioning
-from library.data.captions import metadata_caption, process_caption, read_caption_file
+from library.data.captions import metadata_caption, metadata_tags, process_caption, read_caption_file
 from library.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -48,8 +48,12 @@ class Dataset:
     """One [[datasets]] table: its records and buckets (kohya's DreamBoothDataset /
     FineTuningDataset after make_buckets)."""
 
-    def __init__(self, config, records, num_train_images, num_reg_images, unused_reg_images, skipped_corrupt):
+    def __init__(self, config, records, num_train_images, num_reg_images, unused_reg_images, skipped_corrupt,
+                 subset_images=None):
         self.config = config
+        # per subset, in config order: (subset, img_count, the texts kohya counts for ss_tag_frequency);
+        # every image of the subset, also regularisation images the balancing leaves unused
+        self.subset_images = subset_images or []
         self.records = records
         self.num_train_images = num_train_images        # with repeats
         self.num_reg_images = num_reg_images            # with repeats, before balancing (kohya's ss_num_reg_images)
@@ -144,7 +148,7 @@ def conditioning(record, config, crop_xy=None, flipped=False):
     return (h, w), (top, left), (rh, rw)
 
 
-def load_sample(record, config, rng, epoch=1, step=0, max_train_steps=0):
+def load_sample(record, config, rng, epoch=1, step=0, max_train_steps=0, latent_cache=None):
     """One training sample as a dict of numpy arrays and plain values:
 
     image            uint8 HWC RGB, the bucket's size (BatchLoader turns it into float32 CHW in
@@ -157,9 +161,18 @@ def load_sample(record, config, rng, epoch=1, step=0, max_train_steps=0):
     custom_attributes, bucket_wh
 
     Random draws follow kohya's order: flip, crop, colour, then caption.
+
+    With a `latent_cache` (library.data.cache.LatentCache) the image is not decoded: `image` is
+    None and `latents` holds the cached float32 (C, h, w) latent (the flipped one when flipped),
+    `alpha_mask` the cached mask. Captions and conditioning are the same as without the cache.
     """
     subset = record.subset
     flipped = subset.flip_aug and rng.random() < 0.5
+    if latent_cache is not None:
+        orig_hw, crop_tl, target_hw = conditioning(record, config, None, flipped)
+        return _sample(record, config, None, latent_cache.alpha_mask(record, flipped),
+                       process_caption(record.caption, subset.caption, rng, epoch, step, max_train_steps),
+                       orig_hw, crop_tl, target_hw, flipped, latents=latent_cache.get(record, flipped))
     img = images.load_image(record.path, alpha=subset.alpha_mask)
     h, w = img.shape[:2]
     if (w, h) != tuple(record.original_wh):
@@ -178,8 +191,13 @@ def load_sample(record, config, rng, epoch=1, step=0, max_train_steps=0):
         img = img[:, ::-1]
     alpha = img[..., 3].astype(np.float32) / 255.0 if subset.alpha_mask else None
     caption = process_caption(record.caption, subset.caption, rng, epoch, step, max_train_steps)
-    return {
-        "image": np.ascontiguousarray(img[..., :3]),
+    return _sample(record, config, np.ascontiguousarray(img[..., :3]), alpha, caption, orig_hw, crop_tl, target_hw,
+                   flipped)
+
+
+def _sample(record, config, image, alpha, caption, orig_hw, crop_tl, target_hw, flipped, latents=None):
+    sample = {
+        "image": image,
         "alpha_mask": alpha,
         "caption": caption,
         "original_size_hw": orig_hw,
@@ -190,9 +208,12 @@ def load_sample(record, config, rng, epoch=1, step=0, max_train_steps=0):
         "is_reg": record.is_reg,
         "loss_weight": config.prior_loss_weight if record.is_reg else 1.0,
         "network_multiplier": config.network_multiplier,
-        "custom_attributes": subset.custom_attributes,
-        "bucket_wh": bucket.bucket_wh,
+        "custom_attributes": record.subset.custom_attributes,
+        "bucket_wh": record.bucket.bucket_wh,
     }
+    if latents is not None:
+        sample["latents"] = latents
+    return sample
 
 
 # ---------------------------------------------------------------------------------- building
@@ -241,6 +262,7 @@ def _build_dataset(config, split, split_seed):
         return out
 
     train_entries, reg_entries = [], []   # (path, caption, subset, (w, h))
+    subset_images = []
     for subset in config.subsets:
         if config.is_dreambooth:
             entries = _dreambooth_entries(subset, sized)
@@ -248,8 +270,11 @@ def _build_dataset(config, split, split_seed):
                 entries = _split(entries, split, config.validation_split, split_seed)
             elif split == "validation":
                 entries = []   # regularisation images never go to validation
+            tag_texts = [caption for _, caption, _, _ in entries]
         else:
-            entries = _finetune_entries(subset, sized)
+            tag_texts = []
+            entries = _finetune_entries(subset, sized, tag_texts)
+        subset_images.append((subset, len(entries), tag_texts))
         (reg_entries if subset.is_reg else train_entries).extend(entries)
 
     repeats = 1 if split == "validation" else None
@@ -275,7 +300,7 @@ def _build_dataset(config, split, split_seed):
     if unused:
         logger.warning("%s: %d regularisation images are not used (kohya's first-N rule keeps only as many as "
                        "the training images need)", config.where, unused)
-    return Dataset(config, records, num_train, num_reg, unused, skipped)
+    return Dataset(config, records, num_train, num_reg, unused, skipped, subset_images)
 
 
 def balance_reg_repeats(num_train, reg_repeats):
@@ -352,7 +377,7 @@ def _txt_hint(subset, paths):
     return ""
 
 
-def _finetune_entries(subset, sized):
+def _finetune_entries(subset, sized, tag_texts=None):
     path = subset.metadata_file
     if not os.path.isfile(path):
         raise UserError(f"{subset.where}: metadata_file {path} not found")
@@ -387,5 +412,8 @@ def _finetune_entries(subset, sized):
                         f"unless --full_path)")
     sizes = dict(sized([p for _, p in resolved]))
     sep = subset.caption.caption_separator
+    if tag_texts is not None:
+        tag_texts.extend(metadata_tags(metadata[k], sep, subset.caption.enable_wildcard) for k in sorted(metadata))
+        tag_texts[:] = [t for t in tag_texts if t is not None]
     return [(p, metadata_caption(metadata[k], sep, subset.caption.enable_wildcard), subset, sizes[p])
             for k, p in resolved if p in sizes]

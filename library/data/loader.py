@@ -21,10 +21,11 @@ from library.data.images import to_chw_float
 from library.errors import UserError
 
 
-def _load_batch(task):
+def _load_batch(task, latent_cache=None):
     """Worker entry point: decode one batch. Top-level so that it pickles."""
     records, config, seed, epoch, batch_index, step, max_train_steps = task
-    return [load_sample(rec, config, sample_rng(seed, epoch, batch_index, slot), epoch, step, max_train_steps)
+    return [load_sample(rec, config, sample_rng(seed, epoch, batch_index, slot), epoch, step, max_train_steps,
+                        latent_cache)
             for slot, rec in enumerate(records)]
 
 
@@ -35,9 +36,13 @@ class BatchLoader:
     persistent: keep the worker pool between epochs (kohya's --persistent_data_loader_workers).
     max_train_steps: for token warmup given as a fraction. Each epoch's step numbers start at
     `first_step` and advance every `batches_per_step` batches (gradient accumulation).
+    latent_cache: a library.data.cache.LatentCache; samples then carry `latents` instead of an
+    image and are made in this process (nothing to decode, so no workers are used).
+    text_cache: a TextCache; samples then also carry `text_context` (L, C) and `text_pooled` (P).
     """
 
-    def __init__(self, group, seed, num_workers=0, persistent=False, max_train_steps=0, prefetch_per_worker=2):
+    def __init__(self, group, seed, num_workers=0, persistent=False, max_train_steps=0, prefetch_per_worker=2,
+                 latent_cache=None, text_cache=None):
         if num_workers < 0:
             raise UserError(f"--max_data_loader_n_workers {num_workers} must be 0 or more")
         self.group = group
@@ -45,6 +50,8 @@ class BatchLoader:
         self.num_workers = min(num_workers, os.cpu_count() or 1)
         self.persistent = persistent
         self.max_train_steps = max_train_steps
+        self.latent_cache = latent_cache
+        self.text_cache = text_cache
         self.prefetch = max(1, self.num_workers * prefetch_per_worker)
         self._pool = None
         self._resume = None        # (epoch, batch) set by load_state_dict
@@ -82,14 +89,18 @@ class BatchLoader:
             start = self._resume[1]
         self._resume = None
         tasks = self._tasks(epoch, start, first_step, batches_per_step)
-        if self.num_workers == 0:
-            results = ((index, _load_batch(task)) for index, task in tasks)
+        if self.num_workers == 0 or self.latent_cache is not None:
+            results = ((index, _load_batch(task, self.latent_cache)) for index, task in tasks)
         else:
             results = self._parallel(tasks)
         try:
             for index, batch in results:
                 for sample in batch:
-                    sample["image"] = to_chw_float(sample["image"])
+                    if sample["image"] is not None:
+                        sample["image"] = to_chw_float(sample["image"])
+                    if self.text_cache is not None:
+                        sample["text_context"], sample["text_pooled"] = self.text_cache.get_caption(
+                            sample["path"], sample["caption"])
                 self._position = {"seed": self.seed, "epoch": epoch, "batch": index + 1}
                 yield batch
             self._position = {"seed": self.seed, "epoch": epoch + 1, "batch": 0}

@@ -22,6 +22,11 @@ _NUMPY_DTYPES = {
     "BOOL": np.bool_,
 }
 _CODES = {np.dtype(v): k for k, v in _NUMPY_DTYPES.items()}
+# Rank of each dtype in the Rust `safetensors` library's Dtype enum. The library writes tensors in
+# descending rank, then by name; so does write_safetensors, so that a file's data section is
+# byte-identical to the library's (kohya's LoRA hashes are computed over that layout).
+DTYPE_RANK = {"BOOL": 0, "U8": 1, "I8": 2, "I16": 3, "U16": 4, "F16": 5, "BF16": 6, "I32": 7,
+              "U32": 8, "F32": 9, "F64": 10, "I64": 11, "U64": 12}
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -93,7 +98,7 @@ def float32_to_bfloat16_bits(arr):
     return np.where(np.isnan(arr), np.uint16(0x7FC0), rounded)
 
 
-def _encode(arr, dtype):
+def encode_tensor(arr, dtype=None):
     """(code, bytes) for one tensor; `dtype` (float16/bfloat16/float32) applies to float tensors."""
     arr = np.asarray(arr)
     if arr.dtype.name == "bfloat16":          # an ml_dtypes array, e.g. from Tensor.asnumpy()
@@ -111,12 +116,14 @@ def _encode(arr, dtype):
 def write_safetensors(path, tensors, metadata=None, dtype=None):
     """Write `tensors` (name -> array) atomically: a temp file in the same folder, then rename.
 
-    `dtype` ("float32", "float16" or "bfloat16") converts floating tensors; integer tensors keep
-    their type. `metadata` values must be strings (the format's rule).
+    `dtype` ("float32", "float16" or "bfloat16", or a dict of them per tensor name) converts
+    floating tensors; integer tensors keep their type. `metadata` values must be strings (the format's rule).
     """
     header, chunks, offset = {}, [], 0
-    for name in sorted(tensors):
-        code, data = _encode(tensors[name], dtype)
+    encoded = {name: encode_tensor(arr, dtype.get(name) if isinstance(dtype, dict) else dtype)
+               for name, arr in tensors.items()}
+    for name in sorted(encoded, key=lambda n: (-DTYPE_RANK[encoded[n][0]], n)):
+        code, data = encoded[name]
         header[name] = {"dtype": code, "shape": list(np.shape(tensors[name])),
                         "data_offsets": [offset, offset + len(data)]}
         chunks.append(data)

@@ -42,9 +42,15 @@ def build_sdxl(preset="sdxl_base", init=True):
                           unet=SDXLUNet(cfg.unet))
 
     if init:
-        return build()
-    with no_init_parameters():
-        return build()
+        models = build()
+    else:
+        with no_init_parameters():
+            models = build()
+    # Parameter names must be unique within a compiled graph, and both text encoders use the
+    # same module paths: prefix every name with its component (module paths stay as they are).
+    for component in ("text_encoder1", "text_encoder2", "vae", "unet"):
+        getattr(models, component).update_parameters_name(component + ".")
+    return models
 
 
 def load_sdxl(path_or_id, dtype="float32"):

@@ -75,8 +75,13 @@ def _check_is_sdxl(path, keys):
 # --- the mapping, in both directions ---------------------------------------------------------
 
 def _model_params(models, components=COMPONENTS):
+    """Every parameter of the base models. Parameters that an applied LoRA adds (a path part
+    starting with `lora_`, e.g. `...to_q.lora_branches.0.lora_down.weight`, see networks/lora.py)
+    are not part of the checkpoint: saving writes, and merges, the base weights only."""
     for component in components:
         for name, param in getattr(models, component).parameters_and_names():
+            if any(part.startswith("lora_") for part in name.split(".")):
+                continue
             yield component, name, param
 
 

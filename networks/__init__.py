@@ -1,0 +1,1 @@
+"""Networks trained on top of the frozen SDXL models (`--network_module networks.lora`)."""

@@ -25,6 +25,21 @@ def merge_chunks(hidden, n_chunks):
     return ops.cat(pieces + [hidden[:, -1:]], axis=1)
 
 
+def encode_ids(text_encoder1, text_encoder2, ids1, ids2, token_weights1=None, token_weights2=None):
+    """The tensor part of `encode_text`, usable inside a compiled graph: ids (B, n, 77) int32
+    tensors, optional per-position weights (B, L) already merged by `merge_weights`."""
+    b, n = ids1.shape[:2]
+    _, _, hidden1 = text_encoder1(ids1.reshape(b * n, 77))
+    _, pooled, hidden2 = text_encoder2(ids2.reshape(b * n, 77))
+    hidden1, hidden2 = merge_chunks(hidden1[-2], n), merge_chunks(hidden2[-2], n)
+    if token_weights1 is not None:
+        hidden1 = hidden1 * token_weights1[:, :, None].astype(hidden1.dtype)
+    if token_weights2 is not None:
+        hidden2 = hidden2 * token_weights2[:, :, None].astype(hidden2.dtype)
+    context = ops.cat([hidden1, hidden2], axis=-1)
+    return context, pooled.reshape(b, n, -1)[:, 0]
+
+
 def encode_text(text_encoder1, text_encoder2, ids1, ids2, weights1=None, weights2=None):
     """ids (B, n, 77) from `library.text.tokenize_chunks` -> (context (B, L, C1 + C2), pooled
     (B, P)), L = 77 or 75n + 2.
@@ -34,17 +49,11 @@ def encode_text(text_encoder1, text_encoder2, ids1, ids2, weights1=None, weights
     (encode_tokens_with_weights): no re-normalisation of the mean (that is the generator's rule),
     and the pooled vector is not weighted.
     """
-    ids1, ids2 = Tensor(np.asarray(ids1, np.int32)), Tensor(np.asarray(ids2, np.int32))
-    b, n = ids1.shape[:2]
-    _, _, hidden1 = text_encoder1(ids1.reshape(b * n, 77))
-    _, pooled, hidden2 = text_encoder2(ids2.reshape(b * n, 77))
-    hidden1, hidden2 = merge_chunks(hidden1[-2], n), merge_chunks(hidden2[-2], n)
-    if weights1 is not None:
-        hidden1 = hidden1 * Tensor(merge_weights(weights1))[:, :, None].astype(hidden1.dtype)
-    if weights2 is not None:
-        hidden2 = hidden2 * Tensor(merge_weights(weights2))[:, :, None].astype(hidden2.dtype)
-    context = ops.cat([hidden1, hidden2], axis=-1)
-    return context, pooled.reshape(b, n, -1)[:, 0]
+    def merged(weights):
+        return None if weights is None else Tensor(merge_weights(weights))
+
+    return encode_ids(text_encoder1, text_encoder2, Tensor(np.asarray(ids1, np.int32)),
+                      Tensor(np.asarray(ids2, np.int32)), merged(weights1), merged(weights2))
 
 
 def merge_weights(weights):

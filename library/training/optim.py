@@ -91,6 +91,22 @@ def _optimizer_key(optimizer_type, use_8bit_adam, use_lion_optimizer):
     return key
 
 
+def check_optimizer_options(optimizer_type="", optimizer_args=None, use_8bit_adam=False,
+                            use_lion_optimizer=False):
+    """The optimizer's key and its parsed --optimizer_args, or a UserError; needs no parameters,
+    so the trainer can check these before loading any model."""
+    key = _optimizer_key(optimizer_type, use_8bit_adam, use_lion_optimizer)
+    cls, accepted, _ = _SPECS[key]
+    kwargs = parse_optimizer_args(optimizer_args)
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise UserError(f"--optimizer_args {', '.join(unknown)}: not accepted by {cls.__name__} "
+                        f"(it takes {', '.join(accepted)})")
+    for k, v in kwargs.items():
+        _check_kind(cls.__name__, k, v, accepted[k])
+    return key, kwargs
+
+
 def build_optimizer(groups: Sequence[ParamGroup], learning_rate: float, optimizer_type: str = "",
                     optimizer_args: Optional[Sequence[str]] = None, lr_scheduler: str = "constant",
                     use_8bit_adam: bool = False, use_lion_optimizer: bool = False) -> BuiltOptimizer:
@@ -101,15 +117,9 @@ def build_optimizer(groups: Sequence[ParamGroup], learning_rate: float, optimize
     whatever --lr_scheduler says; here a requested schedule other than constant or adafactor is an
     error, because it would have no effect.
     """
-    key = _optimizer_key(optimizer_type, use_8bit_adam, use_lion_optimizer)
+    key, kwargs = check_optimizer_options(optimizer_type, optimizer_args, use_8bit_adam,
+                                          use_lion_optimizer)
     cls, accepted, kohya_name = _SPECS[key]
-    kwargs = parse_optimizer_args(optimizer_args)
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise UserError(f"--optimizer_args {', '.join(unknown)}: not accepted by {cls.__name__} "
-                        f"(it takes {', '.join(accepted)})")
-    for k, v in kwargs.items():
-        _check_kind(cls.__name__, k, v, accepted[k])
 
     extra = {}
     if key == "sgdnesterov":

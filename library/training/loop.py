@@ -1,0 +1,513 @@
+"""sdxl_train_network.py's run, in kohya's order: check everything that can be checked cheaply,
+load the model, add the LoRA, build the dataset and caches, then train and save.
+
+    prepare(args)  -> a Plan (no model loaded: every argument and dataset error surfaces here)
+    train(plan)    -> the path of the final LoRA file
+
+A step's randomness is drawn on the host from generators seeded by --seed (noise, timesteps,
+the VAE sample, captions and augmentation through the dataset's per-sample RNGs), so the same
+seed and inputs give the same LoRA file.
+"""
+
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from library.errors import UserError
+
+logger = logging.getLogger("sdxl_train_network")
+
+DEFAULT_LAST_NAME, DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME = "last", "epoch", "at"
+
+
+class TrainingStopped(UserError):
+    """The run cannot go on (a non-finite loss): the message says where and why."""
+
+
+# --- checks before any heavy work -------------------------------------------------------------
+
+def _check_output_dir(path):
+    if not path:
+        raise UserError("--output_dir is required: the folder the LoRA is written to")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--output_dir {path} is not writable: {e.strerror}") from None
+
+
+def _check_model_path(value):
+    if not value:
+        raise UserError("--pretrained_model_name_or_path is required: an SDXL .safetensors file, "
+                        "a diffusers folder or a Hugging Face hub id")
+    from library.models.checkpoint import refuse_pickle, _HUB_ID
+    if os.path.exists(value):
+        if os.path.isfile(value):
+            refuse_pickle(value)
+        return
+    if not _HUB_ID.match(value) or value.endswith(".safetensors"):
+        raise UserError(f"--pretrained_model_name_or_path {value}: file not found")
+
+
+def _check_contradictions(args):
+    if args.network_module != "networks.lora":
+        raise UserError(f"--network_module {args.network_module!r}: only networks.lora is supported")
+    if args.network_train_unet_only and args.network_train_text_encoder_only:
+        raise UserError("--network_train_unet_only and --network_train_text_encoder_only "
+                        "exclude each other")
+    if args.full_fp16 and args.full_bf16:
+        raise UserError("--full_fp16 and --full_bf16 exclude each other")
+    if args.full_fp16 and args.mixed_precision != "fp16":
+        raise UserError("--full_fp16 needs --mixed_precision fp16 (as kohya)")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        raise UserError("--full_bf16 needs --mixed_precision bf16 (as kohya)")
+    if args.mixed_precision == "bf16":
+        from library import device
+        if not device.is_ascend():
+            raise UserError("--mixed_precision bf16 needs an Ascend NPU: MindSpore has no bfloat16 "
+                            "matmul kernel on CPU; use no or fp16")
+    if args.gradient_accumulation_steps < 1:
+        raise UserError("--gradient_accumulation_steps must be 1 or more")
+    if args.max_train_steps < 1 and not args.max_train_epochs:
+        raise UserError("--max_train_steps must be 1 or more")
+    if args.text_encoder_lr and len(args.text_encoder_lr) > 2:
+        raise UserError("--text_encoder_lr takes one value (both text encoders) or two (TE1 TE2)")
+    if args.clip_skip is not None:
+        logger.warning("--clip_skip has no effect on SDXL (as in kohya); it is only written to "
+                       "the metadata")
+    if args.debug_dataset:
+        raise UserError("--debug_dataset: use `python tools/inspect_dataset.py` with the same "
+                        "dataset options to see what the dataset builds")
+
+
+@dataclass
+class Plan:
+    args: object
+    train_group: object
+    val_group: object
+    noise_options: object
+    loss_options: object
+    schedule_options: object
+    net_kwargs: dict
+    num_update_steps_per_epoch: int
+    num_epochs: int
+
+
+def prepare(args):
+    """Everything that needs no model: arguments, contradictions, the dataset (images are only
+    opened for their size), the step counts. Errors here cost the user seconds, not minutes."""
+    from library.data.cache import check_cache_options
+    from library.data.config import resolve_dataset_configs
+    from library.data.dataset import build_dataset_groups
+    from library.training.losses import LossOptions
+    from library.training.noise import NoiseOptions
+    from library.training.optim import check_optimizer_options
+    from library.training.schedules import LRScheduleOptions
+    from networks.lora import check_network_kwargs, parse_network_args
+
+    _check_contradictions(args)
+    _check_model_path(args.pretrained_model_name_or_path)
+    if args.vae and not os.path.exists(args.vae):
+        raise UserError(f"--vae {args.vae}: file not found")
+    if args.network_weights and not os.path.isfile(args.network_weights):
+        raise UserError(f"--network_weights {args.network_weights}: file not found")
+    _check_output_dir(args.output_dir)
+
+    check_optimizer_options(args.optimizer_type, args.optimizer_args,
+                            use_lion_optimizer=args.use_lion_optimizer)
+    net_kwargs = parse_network_args(args.network_args)
+    check_network_kwargs(net_kwargs)
+    noise_options = NoiseOptions(
+        noise_offset=args.noise_offset, noise_offset_random_strength=args.noise_offset_random_strength,
+        adaptive_noise_scale=args.adaptive_noise_scale,
+        multires_noise_iterations=args.multires_noise_iterations,
+        multires_noise_discount=args.multires_noise_discount, ip_noise_gamma=args.ip_noise_gamma,
+        ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength,
+        min_timestep=args.min_timestep, max_timestep=args.max_timestep)
+    schedule_options = LRScheduleOptions(
+        lr_scheduler=args.lr_scheduler, lr_warmup_steps=args.lr_warmup_steps,
+        lr_decay_steps=args.lr_decay_steps, lr_scheduler_num_cycles=args.lr_scheduler_num_cycles,
+        lr_scheduler_power=args.lr_scheduler_power,
+        lr_scheduler_timescale=args.lr_scheduler_timescale,
+        lr_scheduler_min_lr_ratio=args.lr_scheduler_min_lr_ratio)
+
+    if args.seed is None:
+        args.seed = random.randint(0, 2 ** 32 - 1)   # kohya draws one too; it is logged and saved
+    train_group, val_group = build_dataset_groups(resolve_dataset_configs(args), seed=args.seed)
+    if args.cache_text_encoder_outputs_to_disk:
+        args.cache_text_encoder_outputs = True
+    if args.cache_latents_to_disk:
+        args.cache_latents = True
+    if args.cache_text_encoder_outputs and not args.network_train_unet_only:
+        raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only: text "
+                        "encoder LoRA training needs the encoders in the step (as kohya)")
+    check_cache_options(args, [g for g in (train_group, val_group) if g is not None])
+    masked = bool(args.masked_loss or args.alpha_mask or any(
+        s.alpha_mask for ds in train_group.datasets for s, _, _ in ds.subset_images))
+    loss_options = LossOptions(
+        loss_type=args.loss_type, huber_schedule=args.huber_schedule, huber_c=args.huber_c,
+        huber_scale=args.huber_scale, masked=masked, min_snr_gamma=args.min_snr_gamma,
+        v_parameterization=args.v_parameterization,
+        scale_v_pred_loss_like_noise_pred=args.scale_v_pred_loss_like_noise_pred,
+        v_pred_like_loss=args.v_pred_like_loss,
+        debiased_estimation_loss=args.debiased_estimation_loss)
+
+    batches = train_group.num_batches()
+    if batches == 0:
+        raise UserError("the dataset has no batches: check the image folders and num_repeats")
+    per_epoch = math.ceil(batches / args.gradient_accumulation_steps)
+    if args.max_train_epochs:
+        args.max_train_steps = args.max_train_epochs * per_epoch
+    num_epochs = math.ceil(args.max_train_steps / per_epoch)
+    if args.save_n_epoch_ratio:
+        args.save_every_n_epochs = math.floor(num_epochs / args.save_n_epoch_ratio) or 1
+    return Plan(args, train_group, val_group, noise_options, loss_options, schedule_options,
+                net_kwargs, per_epoch, num_epochs)
+
+
+# --- file names (kohya's) ---------------------------------------------------------------------
+
+def last_name(args):
+    return f"{args.output_name or DEFAULT_LAST_NAME}.safetensors"
+
+
+def epoch_name(args, epoch):
+    return f"{args.output_name or DEFAULT_EPOCH_NAME}-{epoch:06d}.safetensors"
+
+
+def step_name(args, step):
+    return f"{args.output_name or DEFAULT_STEP_NAME}-step{step:08d}.safetensors"
+
+
+def step_to_remove(args, step):
+    """kohya's get_remove_step_no: the step file that --save_last_n_steps lets go."""
+    if not args.save_last_n_steps:
+        return None
+    stale = step - args.save_last_n_steps - 1
+    stale -= stale % args.save_every_n_steps
+    return stale if stale > 0 else None
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def _weight_dtypes(args):
+    import mindspore as ms
+    weight = {"no": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}[args.mixed_precision]
+    lora = weight if (args.full_fp16 or args.full_bf16) else ms.float32
+    vae = ms.float32 if args.no_half_vae else weight
+    return weight, lora, vae
+
+
+class BatchAssembler:
+    """From the loader's sample dicts to the step's input tensors, with this step's noise."""
+
+    def __init__(self, models, layout, noise_sampler, args, tokenizers):
+        self.layout = layout
+        self.noise_sampler = noise_sampler
+        self.max_token_length = args.max_token_length
+        self.tokenizers = tokenizers
+        self.vae_rng = np.random.default_rng([args.seed, 1])
+        self.downscale = models.config.vae.downscale
+
+    def _text(self, captions, samples):
+        from library.conditioning import merge_weights
+        from library.text import tokenize_chunks, tokenize_weighted
+        if self.layout.text_cached:
+            return (np.stack([s["text_context"] for s in samples]).astype(np.float32),
+                    np.stack([s["text_pooled"] for s in samples]).astype(np.float32),
+                    np.zeros(1, np.float32), np.zeros(1, np.float32))
+        tok1, tok2 = self.tokenizers
+        if self.layout.weighted:
+            ids1, w1 = tokenize_weighted(tok1, captions, self.max_token_length)
+            ids2, w2 = tokenize_weighted(tok2, captions, self.max_token_length)
+            return ids1, ids2, merge_weights(w1), merge_weights(w2)
+        return (tokenize_chunks(tok1, captions, self.max_token_length),
+                tokenize_chunks(tok2, captions, self.max_token_length),
+                np.zeros(1, np.float32), np.zeros(1, np.float32))
+
+    def __call__(self, samples):
+        from library.training.resample import area_resize
+        if self.layout.latents_cached:
+            pixels = np.stack([s["latents"] for s in samples]).astype(np.float32)
+            latent_shape = pixels.shape
+            vae_noise = np.zeros(1, np.float32)
+        else:
+            pixels = np.stack([s["image"] for s in samples]).astype(np.float32)
+            b, _, h, w = pixels.shape
+            latent_shape = (b, 4, h // self.downscale, w // self.downscale)
+            vae_noise = self.vae_rng.standard_normal(latent_shape).astype(np.float32)
+        captions = [s["caption"] for s in samples]
+        text = self._text(captions, samples)
+
+        def pairs(key):
+            return np.array([s[key] for s in samples], dtype=np.float32)
+
+        draws = self.noise_sampler.draw(latent_shape)
+        mask = np.zeros(1, np.float32)
+        if self.layout.masked:
+            masks = [s["alpha_mask"] if s.get("alpha_mask") is not None
+                     else np.ones(latent_shape[2:], np.float32) for s in samples]
+            mask = np.stack([area_resize(np.asarray(m, np.float32), latent_shape[2:])
+                             for m in masks])[:, None]
+        loss_weights = pairs("loss_weight")
+        inputs = (pixels, vae_noise, *text, pairs("original_size_hw"), pairs("crop_top_left"),
+                  pairs("target_size_hw"), draws.noise, draws.offset_noise,
+                  np.float32(draws.offset_strength), draws.pyramid, draws.ip_noise,
+                  np.float32(draws.ip_strength), draws.timesteps.astype(np.int32), loss_weights,
+                  mask)
+        return inputs, draws.timesteps
+
+
+def _to_tensors(arrays):
+    from mindspore import Tensor
+    return tuple(Tensor(np.asarray(a)) for a in arrays)
+
+
+def _build_network(args, models, net_kwargs, lora_dtype):
+    from networks import lora
+    te = [models.text_encoder1, models.text_encoder2]
+    if args.network_weights and args.dim_from_weights:
+        network, weights = lora.create_network_from_weights(1.0, args.network_weights, models.vae,
+                                                            te, models.unet, **net_kwargs)
+    else:
+        network = lora.create_network(1.0, args.network_dim, args.network_alpha, models.vae, te,
+                                      models.unet, neuron_dropout=args.network_dropout,
+                                      **net_kwargs)
+        weights = None
+    network.apply_to(te, models.unet, apply_text_encoder=not args.network_train_unet_only,
+                     apply_unet=not args.network_train_text_encoder_only)
+    for p in network.get_trainable_params():    # --full_fp16 / --full_bf16
+        if p.dtype != lora_dtype:
+            p.set_dtype(lora_dtype)
+    if args.network_weights:
+        if weights is None:
+            network.load_weights(args.network_weights)
+        else:
+            network.load_state_dict(weights, source=args.network_weights)
+        logger.info(f"loaded LoRA weights from {args.network_weights}")
+    return network
+
+
+@dataclass
+class Training:
+    """Everything a run steps through, built from a Plan and loaded models."""
+    models: object
+    network: object
+    groups: list
+    optimizer: object          # library.training.optim.BuiltOptimizer
+    schedule: object
+    grad_step: object
+    apply_step: object
+    assembler: object
+    loader: object
+    latent_cache: object
+    text_cache: object
+
+
+def load_models(args):
+    from library.models import load_sdxl
+    start = time.time()
+    models = load_sdxl(args.pretrained_model_name_or_path, dtype="float32")
+    if args.vae:
+        models.vae = load_sdxl(args.vae).vae
+    logger.info(f"loaded {args.pretrained_model_name_or_path} ({models.config.name}) in "
+                f"{time.time() - start:.1f} s")
+    for cell in (models.unet, models.text_encoder1, models.text_encoder2, models.vae):
+        for p in cell.get_parameters():
+            p.requires_grad = False
+    return models
+
+
+def build_training(plan, models):
+    """Caches, LoRA, optimizer, schedule and the two step Cells (not compiled yet)."""
+    import mindspore as ms
+    from library.caching import cache_latents, cache_text_outputs
+    from library.data.loader import BatchLoader
+    from library.text import load_tokenizers
+    from library.training.losses import DiffusionLoss
+    from library.training.noise import NoiseSampler, ddpm_schedule
+    from library.training.noising import ForwardDiffusion
+    from library.training.optim import build_optimizer
+    from library.training.schedules import LRSchedule
+    from library.training.step import ApplyStep, GradStep, StepLayout
+
+    args = plan.args
+    ms.set_seed(args.seed)
+    weight_dtype, lora_dtype, vae_dtype = _weight_dtypes(args)
+    # caches use the frozen models before any LoRA is added
+    latent_cache = cache_latents(plan.train_group, models, args) if args.cache_latents else None
+    text_cache = cache_text_outputs(plan.train_group, models, args) \
+        if args.cache_text_encoder_outputs else None
+
+    _cast_frozen(models, weight_dtype, vae_dtype)
+    network = _build_network(args, models, plan.net_kwargs, lora_dtype)
+    if args.gradient_checkpointing:
+        models.unet.enable_gradient_checkpointing()
+        if not args.network_train_unet_only:
+            models.text_encoder1.enable_gradient_checkpointing()
+            models.text_encoder2.enable_gradient_checkpointing()
+
+    groups = network.param_groups(args.text_encoder_lr, args.unet_lr, args.learning_rate)
+    if not groups:
+        raise UserError("no parameter has a learning rate above 0: check --unet_lr, "
+                        "--text_encoder_lr and --learning_rate")
+    built = build_optimizer(groups, args.learning_rate, args.optimizer_type, args.optimizer_args,
+                            args.lr_scheduler, use_lion_optimizer=args.use_lion_optimizer)
+    schedule_options = plan.schedule_options
+    if built.lr_scheduler != schedule_options.lr_scheduler:
+        schedule_options = type(schedule_options)(**{**schedule_options.__dict__,
+                                                     "lr_scheduler": built.lr_scheduler})
+    schedule = LRSchedule(schedule_options, [g.lr for g in groups], args.max_train_steps,
+                          args.learning_rate)
+    trainable = [p for g in groups for p in g.params]
+
+    layout = StepLayout(latents_cached=latent_cache is not None, text_cached=text_cache is not None,
+                        weighted=bool(args.weighted_captions), masked=plan.loss_options.masked)
+    ddpm = ddpm_schedule()
+    grad_step = GradStep(models, trainable, ForwardDiffusion(ddpm, plan.noise_options,
+                                                             args.v_parameterization),
+                         DiffusionLoss(plan.loss_options, ddpm), layout, weight_dtype, vae_dtype)
+    apply_step = ApplyStep(grad_step.grad_buffers, built.optimizer, args.max_grad_norm)
+    network.on_epoch_start()
+    assembler = BatchAssembler(models, layout, NoiseSampler(plan.noise_options, args.seed), args,
+                               load_tokenizers())
+    loader = BatchLoader(plan.train_group, args.seed, args.max_data_loader_n_workers,
+                         args.persistent_data_loader_workers, args.max_train_steps,
+                         latent_cache=latent_cache, text_cache=text_cache)
+    return Training(models, network, groups, built, schedule, grad_step, apply_step, assembler,
+                    loader, latent_cache, text_cache)
+
+
+def train(plan):
+    import mindspore as ms
+    from tqdm import tqdm
+    from library.training.logs import RunLog, draw_loss_curve, tensorboard_dir
+    from library.training.run_metadata import at_save, run_metadata
+
+    args = plan.args
+    t = build_training(plan, load_models(args))
+    network, groups, built, schedule = t.network, t.groups, t.optimizer, t.schedule
+    assembler, loader = t.assembler, t.loader
+    trainable = list(t.grad_step.trainable)
+    if args.pynative:
+        grad_fn, apply_fn = t.grad_step, t.apply_step
+    else:
+        grad_fn, apply_fn = ms.jit(t.grad_step.construct), ms.jit(t.apply_step.construct)
+
+    te_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
+    metadata = run_metadata(args, plan.train_group, plan.val_group,
+                            f"{built.kohya_name}({built.kohya_args})", plan.net_kwargs,
+                            plan.num_epochs, len(loader), te_lr, args.unet_lr)
+    name = args.output_name or DEFAULT_LAST_NAME
+    log = RunLog(os.path.join(args.output_dir, f"{name}_log.jsonl"),
+                 tensorboard_dir(args.logging_dir, args.log_prefix))
+    log.event("start", seed=args.seed, max_train_steps=args.max_train_steps,
+              num_epochs=plan.num_epochs, buckets=[list(s) for s in plan.train_group.bucket_shapes()],
+              trainable_tensors=len(trainable), groups=[g.description for g in groups])
+    save_dtype = {None: None, "float": "float32", "fp16": "float16", "bf16": "bfloat16"}[
+        args.save_precision]
+
+    def save(filename, step, epoch):
+        path = os.path.join(args.output_dir, filename)
+        network.save_weights(path, dtype=save_dtype,
+                             metadata=at_save(metadata, step, epoch, args.no_metadata))
+        log.event("save", path=path, step=step, epoch=epoch)
+        return path
+
+    def remove(filename):
+        path = os.path.join(args.output_dir, filename)
+        if os.path.exists(path):
+            os.unlink(path)
+            log.event("remove", path=path)
+
+    logger.info(f"training: {plan.train_group.num_batches()} batches per epoch, "
+                f"{plan.num_epochs} epochs, {args.max_train_steps} optimizer steps, "
+                f"{len(trainable)} LoRA tensors in {len(groups)} groups, buckets "
+                f"{plan.train_group.bucket_shapes()}")
+    compiled, global_step, loss_sum, loss_count = {}, 0, 0.0, 0
+    accumulation = ms.Tensor(float(args.gradient_accumulation_steps), ms.float32)
+    bar = tqdm(total=args.max_train_steps, desc="steps", smoothing=0, dynamic_ncols=True)
+    epoch = 0
+    try:
+        for epoch in range(1, plan.num_epochs + 1):
+            network.on_epoch_start()
+            micro = 0
+            for batch in loader.epoch(epoch, global_step, args.gradient_accumulation_steps):
+                arrays, _ = assembler(batch)
+                shape = tuple(arrays[0].shape)
+                t0 = time.time()
+                loss, per_sample = grad_fn(*_to_tensors(arrays))
+                loss = float(loss.asnumpy())
+                if shape not in compiled and not args.pynative:
+                    compiled[shape] = time.time() - t0
+                    log.event("compile", graph="grad_step", shape=list(shape),
+                              seconds=compiled[shape], count=len(compiled))
+                    logger.info(f"compiled the step for input shape {shape} in "
+                                f"{compiled[shape]:.1f} s ({len(compiled)} graph(s) so far)")
+                if not math.isfinite(loss):
+                    paths = ", ".join(s["path"] for s in batch)
+                    raise TrainingStopped(
+                        f"the loss became {loss} at step {global_step + 1} (epoch {epoch}); the "
+                        f"batch's images: {paths}. Nothing was saved from this step: lower the "
+                        "learning rate, or check these images")
+                micro += 1
+                loss_sum, loss_count = loss_sum + loss, loss_count + 1
+                if micro % args.gradient_accumulation_steps:
+                    continue
+                lrs = schedule.lrs(global_step)
+                grad_norm = float(apply_fn(ms.Tensor(lrs), accumulation).asnumpy())
+                global_step += 1
+                step_seconds = time.time() - t0
+                scalars = {"loss/current": loss, "loss/average": loss_sum / loss_count,
+                           "grad_norm": grad_norm, "seconds_per_step": step_seconds}
+                scalars.update({f"lr/{g.description}": float(lr) for g, lr in zip(groups, lrs)})
+                log.step(global_step, scalars)
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, avr_loss=f"{loss_sum / loss_count:.4f}",
+                                lr=f"{float(lrs[0]):.2e}", s_step=f"{step_seconds:.2f}")
+                if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 \
+                        and global_step < args.max_train_steps:
+                    save(step_name(args, global_step), global_step, epoch)
+                    stale = step_to_remove(args, global_step)
+                    if stale:
+                        remove(step_name(args, stale))
+                if global_step >= args.max_train_steps:
+                    break
+            if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 \
+                    and epoch < plan.num_epochs:
+                save(epoch_name(args, epoch), global_step, epoch)
+                if args.save_last_n_epochs:
+                    stale = epoch - args.save_every_n_epochs * args.save_last_n_epochs
+                    if stale > 0:
+                        remove(epoch_name(args, stale))
+            if global_step >= args.max_train_steps:
+                break
+        final = save(last_name(args), global_step, epoch)
+    finally:
+        bar.close()
+        loader.close()
+        if log.losses:
+            draw_loss_curve(log.losses, os.path.join(args.output_dir, f"{name}_loss.png"),
+                            title=f"{name}: loss per step")
+        log.event("end", steps=global_step, compiled_graphs=len(compiled))
+        log.close()
+    logger.info(f"saved {final} ({global_step} steps, {len(compiled)} compiled step graph(s))")
+    return final
+
+
+def _cast_frozen(models, weight_dtype, vae_dtype):
+    import mindspore as ms
+    for cell, dtype in ((models.unet, weight_dtype), (models.text_encoder1, weight_dtype),
+                        (models.text_encoder2, weight_dtype), (models.vae, vae_dtype)):
+        if dtype == ms.float32:
+            continue
+        for p in cell.get_parameters():
+            p.set_dtype(dtype)

@@ -1,0 +1,134 @@
+"""The compiled train step, as two graphs.
+
+`GradStep` (compiled once per bucket shape): latents (from the cache, or from the VAE inside the
+graph), text conditioning (from the cache, or from the text encoders inside the graph), the noise
+of kohya's `get_noise_noisy_latents_and_timesteps`, the UNet, the loss, and the gradients of the
+trainable LoRA parameters, added into gradient buffers. It returns the loss and, per sample, the
+loss before the batch mean.
+
+`ApplyStep` (compiled once): the mean of the accumulated gradients, clipping by global norm
+(--max_grad_norm, 0 = off), the optimizer update with the step's learning rates (a tensor input,
+so a new LR never recompiles), and zeroed buffers. It returns the gradient norm.
+
+Every random number comes in as an input (drawn on the host from seeded generators), so a step
+is a pure function of its inputs and the parameters: runs are reproducible and resumable, and the
+graph never depends on the noise options' random state.
+"""
+
+from typing import NamedTuple
+
+import mindspore as ms
+from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
+import numpy as np
+
+from library.conditioning import encode_ids, vector_condition
+from library.training.grads import clip_by_global_norm
+
+
+class StepLayout(NamedTuple):
+    """What the step graph computes itself and what it receives precomputed."""
+    latents_cached: bool      # inputs[0] are latents (unscaled) rather than images
+    text_cached: bool         # context/pooled come in, instead of token ids
+    weighted: bool            # per-token weights come with the ids
+    masked: bool              # a loss mask comes in
+
+
+class GradStep(nn.Cell):
+    """`construct(pixels, vae_noise, text_a, text_b, text_c, text_d, original_hw, crop_tl,
+    target_hw, noise, offset_noise, offset_strength, pyramid, ip_noise, ip_strength, timesteps,
+    loss_weights, mask) -> (loss, per_sample_loss)`.
+
+    pixels: latents (B,4,h,w) unscaled when cached, else images (B,3,H,W) in [-1, 1];
+    text_a/text_b: context (B,L,C) / pooled (B,P) when cached, else token ids (B,n,77) int32 for
+    each encoder; text_c/text_d: merged per-token weights (B,L) with --weighted_captions (else
+    ignored); the noise inputs are `library.training.noise.NoiseDraws`.
+    """
+
+    def __init__(self, models, trainable, forward_diffusion, loss, layout: StepLayout,
+                 weight_dtype=ms.float32, vae_dtype=ms.float32):
+        super().__init__(auto_prefix=False)
+        self.unet = models.unet
+        self.vae = models.vae
+        self.te1 = models.text_encoder1
+        self.te2 = models.text_encoder2
+        self.scaling_factor = models.config.vae.scaling_factor
+        self.size_embed_dim = models.config.unet.size_embed_dim
+        self.forward_diffusion = forward_diffusion
+        self.loss = loss
+        # plain bools: graph mode reads them as constants
+        self.latents_cached, self.text_cached = layout.latents_cached, layout.text_cached
+        self.weighted, self.masked = layout.weighted, layout.masked
+        self.weight_dtype = weight_dtype
+        self.vae_dtype = vae_dtype
+        self.trainable = ParameterTuple(trainable)
+        self.grad_buffers = ParameterTuple(
+            Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"grad_buffer.{p.name}",
+                      requires_grad=False) for p in trainable)
+        self.value_and_grad = ms.value_and_grad(self.forward_loss, None, self.trainable,
+                                                has_aux=True)
+        self.hyper_map = ops.HyperMap()
+
+    def latents(self, pixels, vae_noise):
+        if self.latents_cached:
+            return pixels.astype(ms.float32) * self.scaling_factor
+        moments = ops.stop_gradient(self.vae.encode(pixels.astype(self.vae_dtype)))
+        return self.vae.sample_latent(moments, vae_noise).astype(ms.float32) * self.scaling_factor
+
+    def text(self, text_a, text_b, text_c, text_d):
+        if self.text_cached:
+            return text_a, text_b
+        if self.weighted:
+            return encode_ids(self.te1, self.te2, text_a, text_b, text_c, text_d)
+        return encode_ids(self.te1, self.te2, text_a, text_b)
+
+    def forward_loss(self, pixels, vae_noise, text_a, text_b, text_c, text_d, original_hw,
+                     crop_tl, target_hw, noise, offset_noise, offset_strength, pyramid, ip_noise,
+                     ip_strength, timesteps, loss_weights, mask):
+        latents = self.latents(pixels, vae_noise)
+        noisy, target = self.forward_diffusion(latents, noise, offset_noise, offset_strength,
+                                               pyramid, ip_noise, ip_strength, timesteps)
+        context, pooled = self.text(text_a, text_b, text_c, text_d)
+        y = vector_condition(pooled, original_hw, crop_tl, target_hw, self.size_embed_dim)
+        wd = self.weight_dtype
+        pred = self.unet(noisy.astype(wd), timesteps, context.astype(wd), y.astype(wd))
+        per_sample = self.loss.per_sample(pred, target, timesteps, loss_weights,
+                                          mask if self.masked else None)
+        return per_sample.mean(), per_sample
+
+    def construct(self, *inputs):
+        (loss, per_sample), grads = self.value_and_grad(*inputs)
+        self.hyper_map(ops.assign_add, self.grad_buffers, grads)
+        return loss, per_sample
+
+
+_divide = ops.MultitypeFuncGraph("divide")
+_zero = ops.MultitypeFuncGraph("zero")
+
+
+@_divide.register("Tensor", "Tensor")
+def _divide_tensor(count, grad):
+    return grad / count
+
+
+@_zero.register("Tensor")
+def _zero_tensor(buffer):
+    return ops.assign(buffer, ops.zeros_like(buffer))
+
+
+class ApplyStep(nn.Cell):
+    """`construct(lrs, accumulation) -> grad_norm`: update from the accumulated gradients."""
+
+    def __init__(self, grad_buffers, optimizer, max_grad_norm):
+        super().__init__(auto_prefix=False)
+        self.grad_buffers = grad_buffers
+        self.optimizer = optimizer
+        # 0 turns clipping off (kohya); the norm is still computed for the log
+        self.max_grad_norm = float(max_grad_norm) if max_grad_norm else float("inf")
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self, lrs, accumulation):
+        grads = self.hyper_map(ops.partial(_divide, accumulation), self.grad_buffers)
+        grads, norm = clip_by_global_norm(grads, self.max_grad_norm)
+        self.optimizer(grads, lrs)
+        self.hyper_map(_zero, self.grad_buffers)
+        return norm

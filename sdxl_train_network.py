@@ -1,0 +1,32 @@
+"""Train a LoRA for SDXL with kohya-ss/sd-scripts' command line, on MindSpore.
+
+    python sdxl_train_network.py --pretrained_model_name_or_path sd_xl_base_1.0.safetensors \
+        --dataset_config my_data.toml --network_module networks.lora --network_dim 32 \
+        --output_dir out --output_name my_lora --max_train_epochs 10 --learning_rate 1e-4
+
+See README.md for the options, and `--help`.
+"""
+
+import logging
+import sys
+
+from library.errors import exit_on_user_error
+
+
+def main(argv=None):
+    from library.training.args import parse_args, write_config_file
+    parser, args = parse_args(argv)
+    logging.basicConfig(level=args.console_log_level or "INFO", filename=args.console_log_file,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+                        if not args.console_log_simple else "%(message)s")
+    if args.output_config:
+        print(f"wrote {write_config_file(parser, args)}")
+        return
+    from library import device
+    device.configure()
+    from library.training.loop import prepare, train
+    train(prepare(args))
+
+
+if __name__ == "__main__":
+    exit_on_user_error(lambda: main(sys.argv[1:]))

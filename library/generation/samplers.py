@@ -380,13 +380,39 @@ def draws_noise(name, eta=0.0):
     return _SAMPLERS[name]["draws_noise"] or (name == "ddim" and eta > 0)
 
 
-def sample(name, model, noise, steps, rng=None, *, prediction_type="epsilon", preset="generator", eta=0.0):
+def img2img_start(name, steps, strength, preset="generator"):
+    """kohya's img2img start for `steps` steps at `strength` (sdxl_gen_img.py:692-704), as grid
+    indices (noise_index, start_index): the init latents are noised to the sigma of grid point
+    `noise_index`, and sampling runs from grid point `start_index` to the end.
+
+    kohya: init_timestep = min(int(steps * strength) + offset, steps), noise at
+    timesteps[-init_timestep], loop from t_start = max(steps - init_timestep + offset, 0), where
+    offset is the scheduler's steps_offset (1 in the generator, except dpmsingle which has none;
+    0 in training samples). So int(steps * strength) steps run, and with offset 1 the first of
+    them starts one grid point below the noise level (strength 1 skips step 0; strength 0 runs
+    no step and returns the init latents noised to the last grid point).
+    """
+    name = canonical_name(name)
+    if not 0.0 <= strength <= 1.0:
+        raise UserError(f"img2img strength must be between 0 and 1, got {strength}")
+    if name == "pndm":
+        raise UserError("img2img and highres fix are not supported with the pndm sampler (its "
+                        "Runge-Kutta warm-up cannot start mid-schedule); choose another --sampler")
+    offset = 0 if name == "dpmsingle" else PRESETS[preset]["steps_offset"]
+    init_timestep = min(int(steps * strength) + offset, steps)
+    return steps - init_timestep, max(steps - init_timestep + offset, 0)
+
+
+def sample(name, model, noise, steps, rng=None, *, prediction_type="epsilon", preset="generator", eta=0.0,
+           init=None, strength=None):
     """Run sampler `name` for `steps` steps from standard-normal `noise`; return the final latents.
 
     model(x_in, t) -> prediction for the latents x_in at timestep t (float), guidance applied.
     rng: numpy Generator (or one per batch row) for euler_a, dpm_2_a and ddim with eta > 0.
     preset: "generator" (sdxl_gen_img's scheduler settings) or "training" (training-time samples:
     steps_offset 0, x0 clamped to [-1, 1] in ddim and heun).
+    init, strength: img2img. `init` (B, 4, h, w) are clean latents (VAE scale applied); they are
+    noised with `noise` at kohya's start (see img2img_start) and only the remaining steps run.
     The result is on the usual latent scale (what the VAE decodes after dividing by its factor).
     """
     name = canonical_name(name)
@@ -402,8 +428,19 @@ def sample(name, model, noise, steps, rng=None, *, prediction_type="epsilon", pr
     noise = np.asarray(noise)
     # x_T: Karras-style schedulers start at sigma_max (init_noise_sigma with linspace spacing); the
     # DDPM-style ones start from plain noise in the UNet's space, i.e. sqrt(1 + sigma^2) in sigma space.
-    s0 = float(sigmas[0])
-    x = noise * (s0 if spec["sigma_space_init"] else math.sqrt(1.0 + s0 * s0))
+    if init is None:
+        s0 = float(sigmas[0])
+        x = noise * (s0 if spec["sigma_space_init"] else math.sqrt(1.0 + s0 * s0))
+    else:
+        noise_index, start = img2img_start(name, steps, 1.0 if strength is None else strength, preset)
+        s_noise = float(sigmas[noise_index])
+        x = np.asarray(init, dtype=noise.dtype) + noise * s_noise   # add_noise, in sigma space
+        if not spec["sigma_space_init"]:
+            # DDPM-style schedulers keep the UNet-space sample sqrt(abar) (x0 + s eps) and treat it
+            # as being at the start point's sigma: in sigma space that is a rescale.
+            s_start = float(sigmas[start])
+            x = x * math.sqrt((1.0 + s_start * s_start) / (1.0 + s_noise * s_noise))
+        ts, sigmas = ts[start:], sigmas[start:]
     denoise = _Denoiser(model, prediction_type, clip=config["clip_denoised"] and spec["clips"])
     extra = {"eta": eta} if name == "ddim" else {}
     x = spec["fn"](denoise, x, ts, sigmas, rng, **extra)

@@ -1,0 +1,162 @@
+"""Benchmark: sdxl_gen_img's pipeline, seconds per image and graph compile time, as a table.
+
+    python bench/gen_image.py [--size 256] [--steps 20] [--images 2] [--presets tiny,medium]
+                              [--torch-python PATH | --no-torch]
+
+Cases (each in its own process): the tiny preset (the test checkpoint, seed 0) and "medium" (SDXL's
+topology -- levels, depths, heads of 64/4 channels -- at a quarter of its width, random weights), each
+with the guided UNet step compiled (ms.jit) and in PyNative; euler, CFG 7.5 (batched 2B), batch 1.
+s/image excludes compile time (one warm-up image first). Then diffusers' StableDiffusionXLPipeline
+(PyTorch, CPU) on the same tiny weights written as a diffusers folder, with EulerDiscreteScheduler,
+for the ratio. The PyTorch side runs in its own venv: --torch-python, or .venv-bench (created on
+first use with `pip install torch diffusers transformers`; git-ignored).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH_VENV = os.path.join(ROOT, ".venv-bench")
+PROMPT = "a red circle and a blue square on a white background"
+
+
+def medium_config():
+    from library.models.config import CLIPTextConfig, SDXLConfig, UNetConfig, VAEConfig
+    return SDXLConfig(
+        name="medium",
+        unet=UNetConfig(model_channels=80, num_head_channels=16, context_dim=512,
+                        adm_in_channels=320 + 6 * 64, size_embed_dim=64, norm_groups=16),
+        text_encoder1=CLIPTextConfig(hidden_size=192, intermediate_size=768, num_heads=3),
+        text_encoder2=CLIPTextConfig(hidden_size=320, intermediate_size=1280, num_layers=32, num_heads=5,
+                                     hidden_act="gelu", projection_dim=320),
+        vae=VAEConfig(ch=32, norm_groups=16))
+
+
+def _models(preset, ckpt):
+    if preset == "tiny":
+        from library.models import load_sdxl
+        return load_sdxl(ckpt)
+    from library.models import SDXLModels
+    from library.models.clip import CLIPTextModel
+    from library.models.unet import SDXLUNet
+    from library.models.vae import AutoencoderKL
+    cfg = medium_config()
+    return SDXLModels(config=cfg, text_encoder1=CLIPTextModel(cfg.text_encoder1),
+                      text_encoder2=CLIPTextModel(cfg.text_encoder2), vae=AutoencoderKL(cfg.vae),
+                      unet=SDXLUNet(cfg.unet))
+
+
+def run_case(preset, mode, size, steps, images, ckpt):
+    sys.path.insert(0, ROOT)
+    from library.generation.pipeline import GenerationOptions, ImageRequest, Pipeline
+    models = _models(preset, ckpt)
+    pipe = Pipeline(models, GenerationOptions(compile=mode == "graph"))
+    req = dict(width=size, height=size, steps=steps, sampler="euler", scale=7.5)
+    start = time.perf_counter()
+    pipe.generate([ImageRequest(PROMPT, seed=0, **req)])
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    pipe.generate([ImageRequest(PROMPT, seed=i + 1, **req) for i in range(images)])
+    per_image = (time.perf_counter() - start) / images
+    compile_s = pipe.stats.compile_seconds if mode == "graph" else 0.0
+    print(json.dumps(dict(first=first, per_image=per_image, compile=compile_s,
+                          step_ms=pipe.stats.median_step * 1000)), flush=True)
+
+
+TORCH_CASE = r"""
+import json, sys, time, torch
+from diffusers import StableDiffusionXLPipeline, EulerDiscreteScheduler
+folder, size, steps, images = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+torch.set_num_threads(max(1, torch.get_num_threads()))
+pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+pipe.set_progress_bar_config(disable=True)
+kw = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=7.5, output_type="pil")
+prompt = "a red circle and a blue square on a white background"
+pipe(prompt, generator=torch.Generator().manual_seed(0), **kw)
+start = time.perf_counter()
+for i in range(images):
+    pipe(prompt, generator=torch.Generator().manual_seed(i + 1), **kw)
+print(json.dumps(dict(per_image=(time.perf_counter() - start) / images, torch=torch.__version__)))
+"""
+
+
+def _bench_python():
+    python = os.path.join(BENCH_VENV, "bin", "python")
+    if not os.path.exists(python):
+        print(f"creating {BENCH_VENV} (torch, diffusers, transformers) ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "venv", BENCH_VENV], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "torch", "diffusers", "transformers",
+                        "safetensors", "accelerate"], check=True)
+    return python
+
+
+def _child(args):
+    proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(lines[-1])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--images", type=int, default=2)
+    p.add_argument("--presets", default="tiny,medium")
+    p.add_argument("--modes", default="graph,pynative")
+    p.add_argument("--torch-python", default=None)
+    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--case", nargs=3, help=argparse.SUPPRESS)   # internal: preset mode ckpt
+    args = p.parse_args()
+    if args.case:
+        return run_case(args.case[0], args.case[1], args.size, args.steps, args.images, args.case[2])
+
+    tmp = tempfile.mkdtemp(prefix="gen_bench_")
+    ckpt = os.path.join(tmp, "tiny.safetensors")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tiny_sdxl.py"), "--out", ckpt,
+                    "--seed", "0"], check=True, capture_output=True)
+    rows = []
+    for preset in args.presets.split(","):
+        for mode in args.modes.split(","):
+            r = _child([sys.executable, os.path.abspath(__file__), "--size", str(args.size), "--steps",
+                        str(args.steps), "--images", str(args.images), "--case", preset, mode, ckpt])
+            rows.append((preset, f"MindSpore {mode}", r))
+            print(preset, mode, r, file=sys.stderr, flush=True)
+    torch_row = None
+    if not args.no_torch:
+        sys.path.insert(0, ROOT)
+        from library.models import load_sdxl
+        from library.models.checkpoint import save_diffusers_folder
+        folder = os.path.join(tmp, "tiny_diffusers")
+        save_diffusers_folder(load_sdxl(ckpt), folder)
+        script = os.path.join(tmp, "torch_case.py")
+        with open(script, "w") as f:
+            f.write(TORCH_CASE)
+        python = args.torch_python or _bench_python()
+        torch_row = _child([python, script, folder, str(args.size), str(args.steps), str(args.images)])
+        rows.append(("tiny", f"diffusers (PyTorch {torch_row.get('torch', '?')}) CPU", torch_row))
+
+    ref = torch_row.get("per_image") if torch_row and "per_image" in torch_row else None
+    print(f"\nSDXL generation, {args.size}x{args.size}, {args.steps} euler steps, CFG 7.5, batch 1, "
+          f"CPU ({os.cpu_count()} cores)\n")
+    print("| preset | backend | compile (s) | s/image | ms per UNet step (2B) | vs diffusers |")
+    print("|---|---|---|---|---|---|")
+    for preset, backend, r in rows:
+        if "error" in r:
+            print(f"| {preset} | {backend} | – | failed: {r['error']} | – | – |")
+            continue
+        ratio = f"{r['per_image'] / ref:.2f}x" if ref and preset == "tiny" else "–"
+        comp = f"{r['compile']:.1f}" if r.get("compile") else "–"
+        step = f"{r['step_ms']:.0f}" if r.get("step_ms") else "–"
+        print(f"| {preset} | {backend} | {comp} | {r['per_image']:.2f} | {step} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()

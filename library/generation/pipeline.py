@@ -1,0 +1,568 @@
+"""The SDXL generation pipeline shared by sdxl_gen_img.py and training-time samples.
+
+    pipe = Pipeline(models, GenerationOptions(batch_size=2), networks=None)
+    results = pipe.generate([ImageRequest("a cat", seed=1, width=1024, height=1024), ...])
+    results[0].image, results[0].latents, results[0].metadata; pipe.stats.summary()
+
+What one call does, following kohya's sdxl_gen_img (the line numbers are sdxl_gen_img.py's):
+- requests are grouped into batches of consecutive requests that share size, steps, scale,
+  strength, sampler, size conditioning and LoRA multipliers, up to `batch_size` (2818-2826);
+- text: both tokenizers' prompts in 77-token chunks with weights (`prompts.text_plan`), each
+  encoder's hidden_states[-2] concatenated, weighted with the mean re-normalisation, text
+  encoder 2's pooled output from chunk 0; the negative prompt the same way, for CFG (484-592).
+  `text_rule="training"` uses training's rule instead (75n+2 tokens, no re-normalisation);
+- `y` = pooled + size embedding of (original, crop, target), the negative original sizes for the
+  unconditional half (545-565);
+- the guided UNet step (unconditional and conditional halves in one 2B call, then
+  uncond + scale * (cond - uncond)) is compiled with ms.jit once per input shape, i.e. per
+  (latent size, batch, prompt chunks), and reused for every step, prompt, seed and image;
+- the sampler (`samplers.sample`) runs on the host; noise comes from one numpy Generator per image
+  seeded with its seed, so an image depends only on its seed (kohya's pre-drawn noise, 2282-2293);
+- img2img: the init image is resized to the target size (LANCZOS), encoded and sampled by the
+  VAE, then noised at kohya's start step (`samplers.img2img_start`);
+- highres fix: a first pass at the scaled size (rounded down to /32) with `highres_fix_steps`,
+  then an upscale (LANCZOS on the decoded image, or bilinear on the latents) and an img2img
+  second pass at the full size with seed + 1 (2103-2194);
+- the VAE decodes (x / 2 + 0.5 clipped, rounded to uint8).
+Timings are kept in `pipe.stats`: graph compile time, and seconds per image without it.
+"""
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, List, Optional, Sequence
+
+import numpy as np
+
+from library.errors import UserError
+from library.generation import prompts as prompt_lib
+from library.generation import samplers
+
+logger = logging.getLogger(__name__)
+
+LATENT_CHANNELS = 4
+DOWNSAMPLING = 8
+
+
+@dataclass
+class ImageRequest:
+    """One image to make. None in a conditioning field means kohya's default (original size =
+    target size, negative original = original, crop 0)."""
+    prompt: str
+    seed: int
+    negative_prompt: str = ""
+    width: int = 1024
+    height: int = 1024
+    steps: int = 50
+    scale: float = 7.5
+    sampler: str = "ddim"
+    original_width: Optional[int] = None
+    original_height: Optional[int] = None
+    original_width_negative: Optional[int] = None
+    original_height_negative: Optional[int] = None
+    crop_top: Optional[int] = None
+    crop_left: Optional[int] = None
+    init_image: Any = None          # PIL image (or (4, h, w) latents) for img2img
+    strength: float = 0.8           # img2img strength (kohya's default 0.8)
+    network_muls: Optional[tuple] = None   # per-LoRA multipliers (--am); None: the defaults
+    clip_prompt: Optional[str] = None      # metadata only, as kohya
+    raw_prompt: Optional[str] = None       # metadata only: the prompt line as written
+    index: int = 0                  # caller's running number (kohya's global_step)
+    source_name: Optional[str] = None      # img2img source file name (--use_original_file_name)
+
+    def batch_key(self):
+        return (self.width, self.height, self.original_width, self.original_height,
+                self.original_width_negative, self.original_height_negative, self.crop_top,
+                self.crop_left, self.steps, self.scale, self.sampler,
+                self.strength if self.init_image is not None else None,
+                self.init_image is not None, self.network_muls)
+
+
+@dataclass
+class GenerationOptions:
+    batch_size: int = 1
+    max_embeddings_multiples: int = 1
+    text_rule: str = "generator"            # "generator" (77n chunks, mean re-normalised) or "training"
+    max_token_length: Optional[int] = None  # training rule only
+    sampler_preset: str = "generator"       # samplers.PRESETS: "generator" or "training"
+    prediction_type: str = "epsilon"
+    eta: float = 0.0
+    highres_fix_scale: Optional[float] = None
+    highres_fix_steps: int = 28
+    highres_fix_strength: Optional[float] = None
+    highres_fix_latents_upscaling: bool = False
+    highres_fix_save_1st: bool = False
+    vae_batch_size: Optional[float] = None  # kohya's: None = the batch; < 1 = a ratio of it
+    compile: bool = True                    # ms.jit the guided UNet step (False: PyNative)
+    model_name: Optional[str] = None        # for the metadata
+
+
+@dataclass
+class GeneratedImage:
+    image: Any                  # PIL.Image
+    latents: np.ndarray         # (4, h, w) final latents (VAE scale applied, before decode)
+    request: ImageRequest
+    stage: str = ""             # "" ; highres fix: "0" first pass, "1" final
+    metadata: dict = field(default_factory=dict)   # PNG text chunks, in writing order
+    batch_position: int = 0     # place in its batch (kohya's file names use it)
+
+    @property
+    def seed(self):
+        return self.request.seed
+
+
+@dataclass
+class GenerationStats:
+    graphs: List[tuple] = field(default_factory=list)   # compiled step signatures
+    compile_seconds: float = 0.0    # first calls of each graph, minus one ordinary step each
+    step_seconds: List[float] = field(default_factory=list)
+    images: int = 0
+    seconds: float = 0.0            # wall time of generate() calls, compile included
+
+    @property
+    def median_step(self):
+        return float(np.median(self.step_seconds)) if self.step_seconds else 0.0
+
+    @property
+    def seconds_per_image(self):
+        return (self.seconds - self.compile_seconds) / self.images if self.images else 0.0
+
+    def summary(self):
+        return (f"{self.images} image(s) in {self.seconds:.1f} s: {len(self.graphs)} graph(s) "
+                f"compiled in {self.compile_seconds:.1f} s, then {self.seconds_per_image:.2f} s/image "
+                f"({self.median_step * 1000:.0f} ms per UNet step)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers (numpy / PIL)
+
+def check_size(width, height, what="image size"):
+    if width <= 0 or height <= 0 or width % 8 or height % 8:
+        raise UserError(f"{what} {width}x{height}: width and height must be positive multiples of 8")
+
+
+def highres_first_size(width, height, scale):
+    """kohya's first-pass size: int(x * scale + 0.5), rounded down to a multiple of 32."""
+    w, h = int(width * scale + 0.5), int(height * scale + 0.5)
+    return w - w % 32, h - h % 32
+
+
+def _scaled(value, scale):
+    return None if value is None else int(value * scale + 0.5)
+
+
+def image_to_array(image, width, height):
+    """PIL image -> (3, height, width) float32 in [-1, 1], LANCZOS-resized when the size differs."""
+    from PIL import Image
+    image = image.convert("RGB") if image.mode != "RGB" else image
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    return (np.asarray(image, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
+
+
+def array_to_image(array):
+    """(3, H, W) in [-1, 1] -> PIL RGB: (x / 2 + 0.5) clipped to [0, 1], x255, rounded (kohya)."""
+    from PIL import Image
+    arr = np.clip(array.transpose(1, 2, 0) / 2 + 0.5, 0.0, 1.0)
+    return Image.fromarray((arr * 255).round().astype(np.uint8))
+
+
+def upscale_latents_bilinear(latents, height, width):
+    """torch.nn.functional.interpolate(mode="bilinear", align_corners=False) in numpy."""
+    def axis_weights(n_in, n_out):
+        pos = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+        low = np.minimum(np.floor(pos).astype(int), n_in - 1)
+        high = np.minimum(low + 1, n_in - 1)
+        return low, high, (pos - low)[:, None]
+    b, c, h, w = latents.shape
+    lo, hi, f = axis_weights(h, height)
+    x = latents[:, :, lo] * (1 - f) + latents[:, :, hi] * f
+    lo, hi, f = axis_weights(w, width)
+    return (x[..., lo] * (1 - f[:, 0]) + x[..., hi] * f[:, 0]).astype(latents.dtype)
+
+
+A1111_SAMPLER = {"ddim": "DDIM", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
+                 "dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "dpmsolver++": "DPM++ 2M", "pndm": "PNDM",
+                 "dpmsolver": "DPM-Solver", "dpmsingle": "DPM++ 2S"}
+
+
+def _quote(value):
+    """A1111 infotext quoting for a value that holds ',', ':' or quotes."""
+    text = str(value)
+    if any(c in text for c in ",:\"\n"):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+def png_metadata(request, width, height, stage="", options=None, networks=None, muls=None):
+    """PNG text chunks: kohya's keys (sdxl_gen_img.py:2356-2380; its img2img reads `prompt` and
+    `negative-prompt` back), then an A1111-style `parameters` chunk that A1111, Forge, ComfyUI
+    readers and civitai show. Values are kohya's: the seed as given (not seed - 1 for a saved
+    highres first pass), the sampler name as typed, the conditioning sizes resolved."""
+    r = request
+    oh = r.original_height if r.original_height is not None else height
+    ow = r.original_width if r.original_width is not None else width
+    md = {
+        "prompt": r.prompt, "seed": str(r.seed), "sampler": r.sampler, "steps": str(r.steps),
+        "scale": str(r.scale), "negative-prompt": r.negative_prompt,
+    }
+    if r.clip_prompt is not None:
+        md["clip-prompt"] = r.clip_prompt
+    if r.raw_prompt is not None:
+        md["raw-prompt"] = r.raw_prompt
+    md.update({
+        "original-height": str(oh), "original-width": str(ow),
+        "original-height-negative": str(r.original_height_negative if r.original_height_negative is not None else oh),
+        "original-width-negative": str(r.original_width_negative if r.original_width_negative is not None else ow),
+        "crop-top": str(r.crop_top or 0), "crop-left": str(r.crop_left or 0),
+        "width": str(width), "height": str(height),
+    })
+    params = [("Steps", r.steps), ("Sampler", A1111_SAMPLER.get(samplers.canonical_name(r.sampler), r.sampler)),
+              ("CFG scale", r.scale), ("Seed", r.seed), ("Size", f"{width}x{height}")]
+    if options is not None and options.model_name:
+        params.append(("Model", options.model_name))
+    if r.init_image is not None:
+        params.append(("Denoising strength", r.strength))
+    if options is not None and options.highres_fix_scale and stage == "1":
+        params += [("Hires upscale", round(1 / options.highres_fix_scale, 4)),
+                   ("Hires steps", r.steps),
+                   ("Hires upscaler", "Latent" if options.highres_fix_latents_upscaling else "Lanczos")]
+    if ow != width or oh != height:
+        params.append(("Original size", f"{ow}x{oh}"))
+    if networks:
+        loras = ", ".join(f"{name}: {m:g}" for name, m in zip(networks, muls))
+        md["networks"] = loras
+        params.append(("Lora", loras))
+    params.append(("Generator", "sdxl_gen_img (MindSpore port of kohya-ss/sd-scripts)"))
+    text = r.prompt + "\nNegative prompt: " + r.negative_prompt + "\n"
+    md["parameters"] = text + ", ".join(f"{k}: {_quote(v)}" for k, v in params)
+    return md
+
+
+def png_info(metadata):
+    """PIL PngInfo with one tEXt (or iTXt, for non-Latin-1 text) chunk per key."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for k, v in metadata.items():
+        try:
+            v.encode("latin-1")
+            info.add_text(k, v)
+        except UnicodeEncodeError:
+            info.add_itxt(k, v)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# The compiled step
+
+def _guided_cell(unet):
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    class GuidedUNet(nn.Cell):
+        """eps for B latents: with 2B context rows, the unconditional (first B) and conditional
+        halves run in one UNet call and are combined with the per-row guidance scale."""
+
+        def __init__(self, unet):
+            super().__init__()
+            self.unet = unet
+
+        def construct(self, x, t, context, y, scale):
+            b = x.shape[0]
+            if context.shape[0] == b:
+                return self.unet(x, t, context, y)
+            out = self.unet(ops.cat([x, x], axis=0), t, context, y)
+            uncond, cond = out[:b], out[b:]
+            return uncond + scale.astype(out.dtype) * (cond - uncond)
+
+    cell = GuidedUNet(unet)
+    cell.set_train(False)
+    return cell, ms
+
+
+def _param_dtype(cell):
+    for p in cell.get_parameters():
+        return p.dtype
+    raise ValueError("model without parameters")
+
+
+class Pipeline:
+    """Generation with loaded models. Keep one Pipeline for a whole run: its compiled graphs are
+    reused by every later generate() call with the same shapes."""
+
+    def __init__(self, models, options=None, networks=None):
+        from library.text import load_tokenizers
+        self.models = models
+        self.options = options or GenerationOptions()
+        self.networks = networks        # generation.networks.GenerationNetworks or None
+        self.tokenizers = load_tokenizers()
+        self.stats = GenerationStats()
+        if self.options.text_rule not in ("generator", "training"):
+            raise UserError(f"unknown text rule {self.options.text_rule!r}: use 'generator' or 'training'")
+        self._guided, self._ms = _guided_cell(models.unet)
+        self._step = self._ms.jit(self._guided.construct) if self.options.compile else self._guided
+        self._unet_dtype = _param_dtype(models.unet)
+        self._vae_dtype = _param_dtype(models.vae)
+        self._first_calls = []
+
+    # -- public --------------------------------------------------------------------------
+
+    def validate(self, requests):
+        """Check every request before anything runs (sizes, samplers, steps, strengths), so a
+        bad one fails the run before the first image rather than halfway."""
+        o = self.options
+        for r in requests:
+            check_size(r.width, r.height, "image size")
+            name = samplers.canonical_name(r.sampler)
+            samplers.schedule(name, r.steps)
+            if o.highres_fix_scale:
+                w1, h1 = highres_first_size(r.width, r.height, o.highres_fix_scale)
+                if w1 <= 0 or h1 <= 0:
+                    raise UserError(f"--highres_fix_scale {o.highres_fix_scale}: the first pass of "
+                                    f"{r.width}x{r.height} would be {w1}x{h1}")
+                samplers.schedule(name, o.highres_fix_steps)
+            if r.init_image is not None or o.highres_fix_scale:
+                samplers.img2img_start(name, r.steps, r.strength, o.sampler_preset)
+            if self.networks is not None:
+                self.networks.check_muls(r.network_muls)
+
+    def batches(self, requests):
+        """kohya's batching: consecutive requests with equal settings, up to batch_size."""
+        batch = []
+        for r in requests:
+            if batch and (batch[-1].batch_key() != r.batch_key() or len(batch) == self.options.batch_size):
+                yield batch
+                batch = []
+            batch.append(r)
+        if batch:
+            yield batch
+
+    def generate(self, requests, on_image: Optional[Callable[[GeneratedImage], None]] = None):
+        """Images for `requests`, in order (highres fix with save_1st: each first pass right
+        before its final image). `on_image` is called with each image as soon as it exists."""
+        requests = list(requests)
+        self.validate(requests)
+        results = []
+        start = time.perf_counter()
+        try:
+            for batch in self.batches(requests):
+                for result in self._generate_batch(batch):
+                    results.append(result)
+                    if on_image is not None:
+                        on_image(result)
+        finally:
+            self.stats.seconds += time.perf_counter() - start
+            self.stats.images += sum(1 for r in results if r.stage in ("", "1"))
+            self._update_compile_time()
+        return results
+
+    # -- one batch ------------------------------------------------------------------------
+
+    def _generate_batch(self, batch):
+        o, r0 = self.options, batch[0]
+        n_real = len(batch)
+        # A short last batch reuses the full batch's graph (padding rows are dropped) instead of
+        # compiling another one.
+        if n_real < o.batch_size and any(sig[0][0] == o.batch_size and sig[0][2:] ==
+                                         (r0.height // 8, r0.width // 8) for sig in self.stats.graphs):
+            batch = batch + [batch[-1]] * (o.batch_size - n_real)
+        muls = None
+        if self.networks is not None:
+            muls = self.networks.activate(r0.network_muls)
+        seeds = [r.seed for r in batch]
+        inits = [r.init_image for r in batch] if r0.init_image is not None else None
+        out = []
+        if o.highres_fix_scale:
+            s = o.highres_fix_scale
+            w1, h1 = highres_first_size(r0.width, r0.height, s)
+            cond1 = dict(original_width=_scaled(r0.original_width, s), original_height=_scaled(r0.original_height, s),
+                         original_width_negative=_scaled(r0.original_width_negative, s),
+                         original_height_negative=_scaled(r0.original_height_negative, s),
+                         crop_top=_scaled(r0.crop_top, s), crop_left=_scaled(r0.crop_left, s))
+            strength1 = r0.strength if o.highres_fix_strength is None else o.highres_fix_strength
+            logger.info("highres fix: first pass %dx%d, %d steps", w1, h1, o.highres_fix_steps)
+            lat1 = self._stage(batch, w1, h1, o.highres_fix_steps, strength1, inits, seeds, cond1)
+            images1 = None
+            if o.highres_fix_save_1st or not o.highres_fix_latents_upscaling:
+                images1 = self._decode(lat1)
+            if o.highres_fix_save_1st:
+                for i, (r, img, lat) in enumerate(list(zip(batch, images1, lat1))[:n_real]):
+                    r1 = replace(r, width=w1, height=h1, steps=o.highres_fix_steps, **cond1)
+                    out.append(GeneratedImage(img, lat, r, "0", png_metadata(
+                        r1, w1, h1, "0", o, self._names(), muls), i))
+            if o.highres_fix_latents_upscaling:
+                inits = list(upscale_latents_bilinear(lat1, r0.height // 8, r0.width // 8))
+            else:
+                from PIL import Image
+                inits = [img.resize((r0.width, r0.height), resample=Image.LANCZOS) for img in images1]
+            cond = self._cond_of(r0)
+            latents = self._stage(batch, r0.width, r0.height, r0.steps, r0.strength, inits,
+                                  [sd + 1 for sd in seeds], cond)
+            stage = "1"
+        else:
+            latents = self._stage(batch, r0.width, r0.height, r0.steps, r0.strength, inits, seeds,
+                                  self._cond_of(r0))
+            stage = ""
+        images = self._decode(latents)
+        for i, (r, img, lat) in enumerate(list(zip(batch, images, latents))[:n_real]):
+            out.append(GeneratedImage(img, lat, r, stage, png_metadata(
+                r, r0.width, r0.height, stage, o, self._names(), muls), i))
+        return out
+
+    def _names(self):
+        return self.networks.names if self.networks is not None else None
+
+    @staticmethod
+    def _cond_of(r):
+        return dict(original_width=r.original_width, original_height=r.original_height,
+                    original_width_negative=r.original_width_negative,
+                    original_height_negative=r.original_height_negative,
+                    crop_top=r.crop_top, crop_left=r.crop_left)
+
+    def _stage(self, batch, width, height, steps, strength, inits, seeds, cond):
+        """One sampling pass -> final latents (B, 4, h, w), VAE scale applied."""
+        check_size(width, height)
+        o, r0 = self.options, batch[0]
+        shape = (LATENT_CHANNELS, height // DOWNSAMPLING, width // DOWNSAMPLING)
+        rngs = [np.random.default_rng(seed) for seed in seeds]
+        noise = np.stack([g.standard_normal(shape, dtype=np.float32) for g in rngs])
+        init_latents = None
+        if inits is not None:
+            init_latents = self._encode_inits(inits, width, height, rngs)
+        cfg = r0.scale > 1.0          # kohya: guidance_scale <= 1 runs the conditional half only
+        context, y = self._condition([r.prompt for r in batch],
+                                     [r.negative_prompt for r in batch] if cfg else None,
+                                     width, height, cond)
+        scale = self._ms.Tensor(np.full((len(batch), 1, 1, 1), r0.scale, np.float32))
+
+        def model(x_in, t):
+            return self._unet_call(x_in, t, context, y, scale)
+
+        return samplers.sample(r0.sampler, model, noise, steps, rngs, prediction_type=o.prediction_type,
+                               preset=o.sampler_preset, eta=o.eta, init=init_latents,
+                               strength=strength if init_latents is not None else None)
+
+    def _unet_call(self, x_in, t, context, y, scale):
+        ms = self._ms
+        x = ms.Tensor(np.ascontiguousarray(x_in), dtype=self._unet_dtype)
+        tt = ms.Tensor(np.full((context.shape[0],), t, np.float32))
+        signature = (tuple(x.shape), tuple(context.shape), str(self._unet_dtype))
+        start = time.perf_counter()
+        out = self._step(x, tt, context, y, scale).asnumpy().astype(np.float32)
+        seconds = time.perf_counter() - start
+        if signature not in self.stats.graphs:
+            self.stats.graphs.append(signature)
+            self._first_calls.append(seconds)
+            if self.options.compile:
+                logger.info("compiled the UNet step for latents %s, context %s in %.1f s",
+                            signature[0], signature[1], seconds)
+        else:
+            self.stats.step_seconds.append(seconds)
+        return out
+
+    def _update_compile_time(self):
+        # compile time = first calls minus what an ordinary step costs (the first call runs one)
+        self.stats.compile_seconds = max(0.0, sum(self._first_calls) - len(self._first_calls) * self.stats.median_step)
+
+    # -- text and size conditioning --------------------------------------------------------
+
+    def _encode_chunks(self, text_encoder, tokens):
+        """(B, n, 77) ids -> hidden_states[-2] (B, 77n, C) and pooled of chunk 0 (B, P), numpy."""
+        ms = self._ms
+        b, n = tokens.shape[:2]
+        _, pooled, hidden = text_encoder(ms.Tensor(tokens.reshape(b * n, -1).astype(np.int32)))
+        h = hidden[-2].asnumpy().astype(np.float32).reshape(b, n * tokens.shape[2], -1)
+        return h, pooled.asnumpy().astype(np.float32).reshape(b, n, -1)[:, 0]
+
+    def _text(self, prompts, negatives):
+        """(context, pooled) for prompts and, when negatives is not None, for the negatives."""
+        m, o = self.models, self.options
+        encoders = (m.text_encoder1, m.text_encoder2)
+        if o.text_rule == "training":
+            from library.conditioning import encode_text
+            from library.text import tokenize_weighted
+            out = []
+            for texts in [prompts] + ([negatives] if negatives is not None else []):
+                (ids1, w1), (ids2, w2) = (tokenize_weighted(t, texts, o.max_token_length) for t in self.tokenizers)
+                context, pooled = encode_text(*encoders, ids1, ids2, w1, w2)
+                out.append((context.asnumpy().astype(np.float32), pooled.asnumpy().astype(np.float32)))
+            return out[0], (out[1] if negatives is not None else None)
+        cond_h, uncond_h, pooled, uncond_pooled = [], [], None, None
+        for tokenizer, encoder in zip(self.tokenizers, encoders):
+            plan = prompt_lib.text_plan(tokenizer, prompts, negatives, o.max_embeddings_multiples)
+            h, p = self._encode_chunks(encoder, plan.tokens)
+            cond_h.append(prompt_lib.weighted_embeddings(h, plan.weights))
+            pooled = p                       # the last encoder's (TE2) pooled output
+            if negatives is not None:
+                h, p = self._encode_chunks(encoder, plan.uncond_tokens)
+                uncond_h.append(prompt_lib.weighted_embeddings(h, plan.uncond_weights))
+                uncond_pooled = p
+        cond = (np.concatenate(cond_h, axis=-1), pooled)
+        uncond = (np.concatenate(uncond_h, axis=-1), uncond_pooled) if negatives is not None else None
+        return cond, uncond
+
+    def _condition(self, prompts, negatives, width, height, cond):
+        """(context, y) Tensors: B rows without CFG, else 2B rows, unconditional first."""
+        from library.conditioning import vector_condition
+        ms = self._ms
+        b = len(prompts)
+        oh = cond["original_height"] if cond["original_height"] is not None else height
+        ow = cond["original_width"] if cond["original_width"] is not None else width
+        ohn = cond["original_height_negative"] if cond["original_height_negative"] is not None else oh
+        own = cond["original_width_negative"] if cond["original_width_negative"] is not None else ow
+        crop = [cond["crop_top"] or 0, cond["crop_left"] or 0]
+
+        def pairs(hw):
+            return ms.Tensor(np.tile(np.array([hw], np.float32), (b, 1)))
+
+        (context, pooled), uncond = self._text(prompts, negatives)
+        dim = self.models.config.unet.size_embed_dim
+        y = vector_condition(ms.Tensor(pooled), pairs([oh, ow]), pairs(crop), pairs([height, width]), dim)
+        if uncond is not None:
+            y_u = vector_condition(ms.Tensor(uncond[1]), pairs([ohn, own]), pairs(crop),
+                                   pairs([height, width]), dim)
+            context = np.concatenate([uncond[0], context])
+            y = ms.ops.cat([y_u, y], axis=0)
+        return (ms.Tensor(context).astype(self._unet_dtype), y.astype(self._unet_dtype))
+
+    # -- VAE -------------------------------------------------------------------------------
+
+    def _vae_chunks(self, n):
+        v = self.options.vae_batch_size
+        if v is None:
+            return n
+        return max(1, int(n * v)) if v < 1 else int(v)
+
+    def _encode_inits(self, inits, width, height, rngs):
+        """img2img sources -> latents (B, 4, h, w): latents pass through; images are resized to
+        the stage size, encoded, and sampled with noise from each image's generator."""
+        ms = self._ms
+        if isinstance(inits[0], np.ndarray):
+            return np.stack(inits).astype(np.float32)
+        vae, scaling = self.models.vae, self.models.config.vae.scaling_factor
+        arrays = np.stack([image_to_array(img, width, height) for img in inits])
+        shape = (LATENT_CHANNELS, height // DOWNSAMPLING, width // DOWNSAMPLING)
+        vae_noise = np.stack([g.standard_normal(shape, dtype=np.float32) for g in rngs])
+        out, step = [], self._vae_chunks(len(arrays))
+        for i in range(0, len(arrays), step):
+            moments = vae.encode(ms.Tensor(arrays[i:i + step], dtype=self._vae_dtype))
+            lat = vae.sample_latent(moments, ms.Tensor(vae_noise[i:i + step], dtype=self._vae_dtype))
+            out.append(lat.asnumpy().astype(np.float32) * scaling)
+        return np.concatenate(out)
+
+    def _decode(self, latents):
+        ms = self._ms
+        vae, scaling = self.models.vae, self.models.config.vae.scaling_factor
+        images, step = [], self._vae_chunks(len(latents))
+        for i in range(0, len(latents), step):
+            decoded = vae.decode(ms.Tensor(latents[i:i + step] / scaling, dtype=self._vae_dtype))
+            images += [array_to_image(a) for a in decoded.asnumpy().astype(np.float32)]
+        return images
+
+
+def generate_images(models, requests, options=None, networks=None, on_image=None):
+    """One-shot helper (training-time samples): a Pipeline, its images, and its stats.
+    For repeated sampling keep a Pipeline instead, so the compiled step is reused."""
+    pipe = Pipeline(models, options, networks)
+    return pipe.generate(requests, on_image), pipe.stats

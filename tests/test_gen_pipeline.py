@@ -1,0 +1,105 @@
+"""The generation pipeline on the tiny SDXL model: one compiled 64x64 batch-1 graph shared by most
+tests; highres fix and img2img run in PyNative (no extra compile)."""
+
+import numpy as np
+import pytest
+
+from library.errors import UserError
+from library.generation import samplers
+from library.generation.pipeline import (GenerationOptions, ImageRequest, Pipeline, highres_first_size,
+                                         upscale_latents_bilinear)
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_models):
+    return Pipeline(tiny_models, GenerationOptions(batch_size=1))
+
+
+def req(prompt="a red cat", seed=1, **kw):
+    kw = {"width": SIZE, "height": SIZE, "steps": 3, "sampler": "euler", **kw}
+    return ImageRequest(prompt, seed=seed, **kw)
+
+
+def test_seeds_and_one_compiled_graph(pipe):
+    a, b, a2 = pipe.generate([req(seed=1), req(seed=2), req(seed=1, negative_prompt="blurry")])
+    again = pipe.generate([req(seed=1)])[0]
+    assert a.image.size == (SIZE, SIZE) and a.latents.shape == (4, SIZE // 8, SIZE // 8)
+    np.testing.assert_array_equal(a.latents, again.latents)          # same seed: identical
+    assert np.array_equal(np.asarray(a.image), np.asarray(again.image))
+    assert np.abs(a.latents - b.latents).mean() > 0.1                # another seed differs
+    assert np.abs(a.latents - a2.latents).mean() > 1e-3              # the negative prompt counts
+    # prompts, seeds and negatives reuse one graph; timings are recorded
+    assert len(pipe.stats.graphs) == 1
+    assert pipe.stats.images == 4 and pipe.stats.compile_seconds > 0 and pipe.stats.seconds_per_image > 0
+    md = a.metadata
+    assert md["prompt"] == "a red cat" and md["seed"] == "1" and md["sampler"] == "euler"
+    assert md["parameters"].startswith("a red cat\nNegative prompt: \nSteps: 3, Sampler: Euler, CFG scale: 7.5, "
+                                       "Seed: 1, Size: 64x64")
+
+
+def test_every_sampler(pipe):
+    """Every kohya sampler name (k_ aliases run the same function) on the one compiled graph."""
+    names = sorted({samplers.canonical_name(n) for n in samplers.SAMPLER_NAMES})
+    assert len(names) == 11
+    out = pipe.generate([req(sampler=n, steps=4 if n == "pndm" else 2, seed=3) for n in names])
+    assert [o.image.size for o in out] == [(SIZE, SIZE)] * len(names)
+    assert all(np.isfinite(o.latents).all() for o in out)
+    assert [o.metadata["sampler"] for o in out] == names
+    assert len(pipe.stats.graphs) == 1
+
+
+def test_weighting_changes_the_image(pipe):
+    plain, weighted = pipe.generate([req("a red cat"), req("a (red:1.5) cat")])
+    assert np.abs(plain.latents - weighted.latents).max() > 1e-4
+
+
+def test_img2img_strength_zero_returns_the_vae_round_trip(pipe):
+    from PIL import Image
+    src = Image.fromarray(np.random.default_rng(0).integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8))
+    out = pipe.generate([req(init_image=src, strength=0.0, seed=4)])[0]
+    # strength 0 runs no step: the init latents noised to the last grid point (sigma_min for euler)
+    rngs = [np.random.default_rng(4)]
+    noise = rngs[0].standard_normal((4, SIZE // 8, SIZE // 8), dtype=np.float32)
+    init = pipe._encode_inits([src], SIZE, SIZE, rngs)[0]
+    np.testing.assert_allclose(out.latents, init + samplers.SIGMA_MIN * noise, atol=1e-5)
+    round_trip = np.asarray(pipe._decode(init[None])[0], np.float32)
+    # sigma_min noise (0.03 on the scaled latents) is all that separates them: a few levels of 255
+    assert np.abs(np.asarray(out.image, np.float32) - round_trip).mean() < 16.0
+    # strength > 0 moves away from it; kohya's start: int(steps * strength) steps run
+    moved = pipe.generate([req(init_image=src, strength=0.7, seed=4)])[0]
+    assert np.abs(moved.latents - init).mean() > 0.05
+    # (noise index, start index): with steps_offset 1 kohya noises one grid point above its start
+    assert samplers.img2img_start("euler", 10, 0.7) == (2, 3)
+    assert samplers.img2img_start("euler", 10, 1.0) == (0, 1)
+    assert samplers.img2img_start("euler", 10, 0.0) == (9, 10)
+    assert samplers.img2img_start("dpmsingle", 10, 0.7) == (3, 3)
+    assert len(pipe.stats.graphs) == 1
+
+
+def test_highres_fix_gives_the_larger_size(tiny_models):
+    pipe = Pipeline(tiny_models, GenerationOptions(highres_fix_scale=0.5, highres_fix_steps=1,
+                                                   highres_fix_save_1st=True, compile=False))
+    out = pipe.generate([req(width=128, height=128, steps=2, strength=0.5, seed=5)])
+    assert [(o.stage, o.image.size) for o in out] == [("0", (64, 64)), ("1", (128, 128))]
+    assert out[1].metadata["seed"] == "5" and out[0].metadata["seed"] == "5"
+    assert "Hires upscale: 2" in out[1].metadata["parameters"]
+    assert highres_first_size(1024, 1024, 0.6) == (608, 608)   # int(614.9) rounded down to /32
+
+
+def test_bilinear_latent_upscale():
+    x = np.arange(8, dtype=np.float32).reshape(1, 1, 2, 4)
+    up = upscale_latents_bilinear(x, 4, 8)
+    assert up.shape == (1, 1, 4, 8)
+    np.testing.assert_allclose(up[0, 0, 0], [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3])  # torch's values
+    np.testing.assert_allclose(up[0, 0, :, 0], [0, 1, 3, 4])
+
+
+def test_bad_requests_fail_before_running(pipe):
+    before = pipe.stats.images
+    for bad in (req(width=60), req(sampler="nope"), req(sampler="pndm", steps=2),
+                req(sampler="pndm", init_image=np.zeros((4, 8, 8), np.float32))):
+        with pytest.raises(UserError):
+            pipe.generate([req(), bad])
+    assert pipe.stats.images == before

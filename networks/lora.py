@@ -426,6 +426,19 @@ def _is_number(value):
 # The network
 # =============================================================================================
 
+class _ParameterSetter(nn.Cell):
+    """Writes a Parameter from inside a compiled graph. In PyNative mode, MindSpore 2.7.1 does not
+    show a host-side `Parameter.set_data` to a function already compiled with `ms.jit`; an
+    assign in a graph is seen by every graph (tests/test_lora_network.py checks it)."""
+
+    def __init__(self, param):
+        super().__init__(auto_prefix=False)
+        self.param = param
+
+    def construct(self, value):
+        return ops.assign(self.param, value)
+
+
 class LoRANetwork:
     """kohya's LoRANetwork for SDXL (the same constructor patterns):
     1. lora_dim + alpha; 2. + conv_lora_dim/conv_alpha; 3. block_dims/block_alphas;
@@ -449,6 +462,7 @@ class LoRANetwork:
         self._enabled = True
         self.multiplier = Parameter(Tensor(float(multiplier), ms.float32),
                                     name="lora_multiplier", requires_grad=False)
+        self._multiplier_setter = None    # built on first use (see _ParameterSetter)
         self.skipped = []
         self.applied = False
         self._places = {}
@@ -531,7 +545,9 @@ class LoRANetwork:
 
     def _write_multiplier(self):
         value = self._multiplier_value if self._enabled else 0.0
-        self.multiplier.set_data(Tensor(value, ms.float32))
+        if self._multiplier_setter is None:
+            self._multiplier_setter = ms.jit(_ParameterSetter(self.multiplier).construct)
+        self._multiplier_setter(Tensor(value, ms.float32))
 
     def get_multiplier(self):
         return self._multiplier_value

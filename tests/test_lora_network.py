@@ -249,3 +249,25 @@ def test_graph_mode_compiles_once_and_multiplier_switches(tiny_ckpt, tmp_path):
     assert doc["d10"] > 1e-3          # multiplier 0 changed the output ...
     assert doc["d02"] < 1e-6          # ... and 1 again restores it exactly
     assert second < first / 4 and third < first / 4, doc["times"]   # no recompile
+
+
+def test_multiplier_switch_reaches_a_jit_compiled_function(tiny_ckpt):
+    """PyNative + ms.jit (how the trainer and the generator compile): a host-side set_data is not
+    seen by an already compiled function in MindSpore 2.7.1, so set_multiplier must write the
+    multiplier from inside a graph."""
+    import mindspore as ms
+    m = load_sdxl(tiny_ckpt)
+    te = [m.text_encoder1, m.text_encoder2]
+    net = lora.create_network(1.0, 4, 4.0, None, te, m.unet)
+    for module in net.loras:
+        module.lora_up.weight.set_data(ms.Tensor(np.full(module.lora_up.weight.shape, 0.05,
+                                                         np.float32)))
+    net.apply_to(te, m.unet, apply_unet=False)
+    encode = ms.jit(m.text_encoder1.construct)
+    ids = ms.Tensor(np.array([[49406, 320, 2368, 49407] + [49407] * 73], np.int32))
+    outs = []
+    for mult in (1.0, 0.0, 1.0):
+        net.set_multiplier(mult)
+        outs.append(encode(ids)[0].asnumpy())
+    assert np.abs(outs[0] - outs[1]).max() > 1e-3
+    assert np.array_equal(outs[0], outs[2])

@@ -436,7 +436,8 @@ class _ParameterSetter(nn.Cell):
         self.param = param
 
     def construct(self, value):
-        return ops.assign(self.param, value)
+        ops.assign(self.param, value)
+        return self.param
 
 
 class LoRANetwork:

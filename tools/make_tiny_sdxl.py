@@ -34,11 +34,35 @@ def random_tensor(rng, key, shape):
     return (rng.standard_normal(shape) / math.sqrt(fan_in)).astype(np.float32)
 
 
+def calibrate_vae(path, tensors):
+    """Rescale quant_conv's mean rows (and post_quant_conv's inputs, so decoding sees the same
+    values) so that scaled latents of smooth random pictures have standard deviation 1.
+    Returns the factor applied."""
+    from mindspore import Tensor
+    from library.models import load_sdxl
+    models = load_sdxl(path)
+    rng = np.random.default_rng(0)
+    coarse = rng.uniform(-1, 1, size=(4, 3, 8, 8)).astype(np.float32)
+    pictures = np.repeat(np.repeat(coarse, 16, axis=2), 16, axis=3)     # flat colour patches
+    moments = models.vae.encode(Tensor(pictures)).asnumpy()
+    latent_std = float((moments[:, :4] * models.config.vae.scaling_factor).std())
+    factor = 1.0 / latent_std
+    c = models.config.vae.latent_channels
+    for suffix in ("weight", "bias"):
+        tensors[f"first_stage_model.quant_conv.{suffix}"][:c] *= factor
+    tensors["first_stage_model.post_quant_conv.weight"][:, :c] /= factor
+    return factor
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output .safetensors path")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    parser.add_argument("--calibrate_vae", action="store_true",
+                        help="scale the VAE's latent mean channels so that scaled latents of "
+                             "simple pictures have unit variance, as SDXL's scaling factor is "
+                             "chosen to give; the demo trains on such a model")
     args = parser.parse_args()
 
     from library.models import build_sdxl
@@ -52,6 +76,13 @@ def main():
                                                    "stable-diffusion-xl-v1-base",
                                                    "tiny_sdxl.seed": str(args.seed),
                                                    "tiny_sdxl.preset": args.preset})
+    if args.calibrate_vae:
+        factor = calibrate_vae(args.out, tensors)
+        write_safetensors(args.out, tensors, metadata={"modelspec.architecture":
+                                                       "stable-diffusion-xl-v1-base",
+                                                       "tiny_sdxl.seed": str(args.seed),
+                                                       "tiny_sdxl.preset": args.preset,
+                                                       "tiny_sdxl.vae_calibration": f"{factor:.6g}"})
     n = sum(int(np.prod(s)) for s in shapes.values())
     print(f"wrote {args.out}: {len(tensors)} tensors, {n:,} parameters (preset {args.preset}, "
           f"seed {args.seed})")

@@ -25,7 +25,7 @@ test-full: $(STAMP)
 	$(PY) -m pytest -q -m "full or not full" tests
 
 bench: $(STAMP)
-	$(PY) bench/model_forward.py
+	$(PY) bench/model_forward.py --mem-limit-gib 14
 
 -include tools/reference_fixtures.mk
 

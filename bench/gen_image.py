@@ -9,7 +9,7 @@ with the guided UNet step compiled (ms.jit) and in PyNative; euler, CFG 7.5 (bat
 s/image excludes compile time (one warm-up image first). Then diffusers' StableDiffusionXLPipeline
 (PyTorch, CPU) on the same tiny weights written as a diffusers folder, with EulerDiscreteScheduler,
 for the ratio. The PyTorch side runs in its own venv: --torch-python, or .venv-bench (created on
-first use with `pip install torch diffusers transformers`; git-ignored).
+first use with pinned torch, diffusers and transformers, see bench/_bench_venv.py; git-ignored).
 """
 
 import argparse
@@ -21,34 +21,19 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCH_VENV = os.path.join(ROOT, ".venv-bench")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _bench_venv import bench_python  # noqa: E402
+
 PROMPT = "a red circle and a blue square on a white background"
-
-
-def medium_config():
-    from library.models.config import CLIPTextConfig, SDXLConfig, UNetConfig, VAEConfig
-    return SDXLConfig(
-        name="medium",
-        unet=UNetConfig(model_channels=80, num_head_channels=16, context_dim=512,
-                        adm_in_channels=320 + 6 * 64, size_embed_dim=64, norm_groups=16),
-        text_encoder1=CLIPTextConfig(hidden_size=192, intermediate_size=768, num_heads=3),
-        text_encoder2=CLIPTextConfig(hidden_size=320, intermediate_size=1280, num_layers=32, num_heads=5,
-                                     hidden_act="gelu", projection_dim=320),
-        vae=VAEConfig(ch=32, norm_groups=16))
 
 
 def _models(preset, ckpt):
     if preset == "tiny":
         from library.models import load_sdxl
         return load_sdxl(ckpt)
-    from library.models import SDXLModels
-    from library.models.clip import CLIPTextModel
-    from library.models.unet import SDXLUNet
-    from library.models.vae import AutoencoderKL
-    cfg = medium_config()
-    return SDXLModels(config=cfg, text_encoder1=CLIPTextModel(cfg.text_encoder1),
-                      text_encoder2=CLIPTextModel(cfg.text_encoder2), vae=AutoencoderKL(cfg.vae),
-                      unet=SDXLUNet(cfg.unet))
+    from library.models import build_sdxl
+    return build_sdxl(preset)     # library.models.config.MEDIUM, random weights
 
 
 def run_case(preset, mode, size, steps, images, ckpt):
@@ -84,16 +69,6 @@ for i in range(images):
     pipe(prompt, generator=torch.Generator().manual_seed(i + 1), **kw)
 print(json.dumps(dict(per_image=(time.perf_counter() - start) / images, torch=torch.__version__)))
 """
-
-
-def _bench_python():
-    python = os.path.join(BENCH_VENV, "bin", "python")
-    if not os.path.exists(python):
-        print(f"creating {BENCH_VENV} (torch, diffusers, transformers) ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", BENCH_VENV], check=True)
-        subprocess.run([python, "-m", "pip", "install", "-q", "torch", "diffusers", "transformers",
-                        "safetensors", "accelerate"], check=True)
-    return python
 
 
 def _child(args):
@@ -139,7 +114,7 @@ def main():
         script = os.path.join(tmp, "torch_case.py")
         with open(script, "w") as f:
             f.write(TORCH_CASE)
-        python = args.torch_python or _bench_python()
+        python = args.torch_python or bench_python()
         torch_row = _child([python, script, folder, str(args.size), str(args.steps), str(args.images)])
         rows.append(("tiny", f"diffusers (PyTorch {torch_row.get('torch', '?')}) CPU", torch_row))
 

@@ -1,4 +1,5 @@
-"""Model configurations: the SDXL base preset and a tiny preset of the same topology.
+"""Model configurations: the SDXL base preset and two smaller presets of the same topology
+(tiny, for tests and the demo; medium, for the benches).
 
 Plain values only (no MindSpore import), so tools and tests can reason about shapes cheaply.
 The field names follow the SGM/LDM configs that the single-file checkpoint was trained with.
@@ -96,7 +97,22 @@ TINY = SDXLConfig(
     vae=VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
 )
 
-PRESETS = {c.name: c for c in (SDXL_BASE, TINY)}
+# SDXL base's topology (levels, depths 0/2/10, heads of 64 -> 16 channels per head at a quarter
+# of the width) at a quarter of its width: model_channels 80, so 5/10/20 heads per level. Text
+# encoders at a quarter width with SDXL's layer counts. Random weights only (no checkpoint): the
+# benches use it to measure speed and memory at a realistic depth without SDXL's 10 GiB.
+MEDIUM = SDXLConfig(
+    name="medium",
+    unet=UNetConfig(model_channels=80, num_head_channels=16, context_dim=512,
+                    adm_in_channels=320 + 6 * 64, size_embed_dim=64, norm_groups=16),
+    text_encoder1=CLIPTextConfig(hidden_size=192, intermediate_size=768, num_heads=3),
+    text_encoder2=CLIPTextConfig(hidden_size=320, intermediate_size=1280, num_layers=32,
+                                 num_heads=5, hidden_act="gelu", projection_dim=320),
+    vae=VAEConfig(ch=32, norm_groups=16),
+)
+
+# medium last: checkpoint preset detection tries them in this order
+PRESETS = {c.name: c for c in (SDXL_BASE, TINY, MEDIUM)}
 
 
 def get_preset(name):

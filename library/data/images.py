@@ -4,13 +4,13 @@ Plain PIL and numpy. Arrays are uint8 HWC (RGB, or RGBA when an alpha mask is wa
 `to_chw_float` turns one into the model's CHW float32 in [-1, 1].
 """
 
-import hashlib
 import os
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from library.errors import UserError
+from library.metadata import calculate_sha256
 
 # kohya's list (train_util.IMAGE_EXTENSIONS), compared case-insensitively; kohya matches only the
 # all-lower and all-upper spellings, so `a.Png` is picked up here and skipped there
@@ -76,12 +76,8 @@ def load_image(path, alpha=False):
 
 def file_digest(path):
     """SHA-256 of the file's bytes: the content key the latent cache uses, so an edited image is
-    never served a stale latent."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    never served a stale latent (the same full-file hash as a model's ss_new_sd_model_hash)."""
+    return calculate_sha256(path)
 
 
 def _area_weights(n_in, n_out):

@@ -111,18 +111,21 @@ def test_sampler_is_reproducible_and_follows_the_options():
                           multires_noise_iterations=4, ip_noise_gamma=0.2, min_timestep=10,
                           max_timestep=20)
     shape = (3, 4, 16, 12)
-    a = N.NoiseSampler(opts, seed=7).draw(shape)
-    b = N.NoiseSampler(opts, seed=7).draw(shape)
+    a = N.NoiseSampler(opts, seed=7).draw(shape, (0, 1, 2))
+    b = N.NoiseSampler(opts, seed=7).draw(shape, (0, 1, 2))
     for x, y in zip(a, b):
         np.testing.assert_array_equal(x, y)
+    # another batch (key) draws other numbers
+    other = N.NoiseSampler(opts, seed=7).draw(shape, (0, 1, 3))
+    assert not np.array_equal(a.noise, other.noise)
     assert a.noise.shape == a.pyramid.shape == a.ip_noise.shape == shape
     assert a.offset_noise.shape == (3, 4, 1, 1)
     assert 0 <= a.offset_strength <= 0.1 and a.ip_strength == np.float32(0.2)
     assert a.timesteps.dtype == np.int32 and ((10 <= a.timesteps) & (a.timesteps < 20)).all()
     assert np.abs(a.pyramid).sum() > 0
-    plain = N.NoiseSampler(N.NoiseOptions(), seed=7).draw(shape)
+    plain = N.NoiseSampler(N.NoiseOptions(), seed=7).draw(shape, (0, 1, 2))
     assert not plain.pyramid.any() and not plain.ip_noise.any() and plain.offset_strength == 0
-    fixed = N.NoiseSampler(N.NoiseOptions(min_timestep=300, max_timestep=300), 0).draw(shape)
+    fixed = N.NoiseSampler(N.NoiseOptions(min_timestep=300, max_timestep=300), 0).draw(shape, (0,))
     assert (fixed.timesteps == 300).all()
 
 
@@ -224,7 +227,7 @@ def test_noise_and_loss_compile_and_match_pynative():
     shape = (2, 4, 8, 6)
     inputs = [Tensor(rng.standard_normal(shape).astype(np.float32)) for _ in range(2)]
     inputs += [Tensor(np.array([1.0, 0.5], np.float32)), Tensor(rng.random((2, 1, 8, 6)).astype(np.float32))]
-    draws = [Tensor(d) for d in N.NoiseSampler(noise_options, seed=3).draw(shape)]
+    draws = [Tensor(d) for d in N.NoiseSampler(noise_options, seed=3).draw(shape, (0,))]
     cell = NoisyLoss(noise_options, loss_options)
     eager = cell(*inputs, *draws)
     compiled = ms.jit(cell.construct)(*inputs, *draws)

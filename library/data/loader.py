@@ -96,6 +96,7 @@ class BatchLoader:
         try:
             for index, batch in results:
                 for sample in batch:
+                    sample["batch_key"] = (epoch, index)     # seeds the batch's noise draws
                     if sample["image"] is not None:
                         sample["image"] = to_chw_float(sample["image"])
                     if self.text_cache is not None:

@@ -206,15 +206,20 @@ def _weight_dtypes(args):
     return weight, lora, vae
 
 
+# A batch's random numbers come from generators seeded by (seed, stream, epoch, batch index):
+# they depend on the batch alone, not on what ran before it (resume, data-parallel ranks).
+NOISE_STREAM, VAE_STREAM = 0, 1
+
+
 class BatchAssembler:
-    """From the loader's sample dicts to the step's input tensors, with this step's noise."""
+    """From the loader's sample dicts to the step's input tensors, with this batch's noise."""
 
     def __init__(self, models, layout, noise_sampler, args, tokenizers):
         self.layout = layout
         self.noise_sampler = noise_sampler
         self.max_token_length = args.max_token_length
         self.tokenizers = tokenizers
-        self.vae_rng = np.random.default_rng([args.seed, 1])
+        self.seed = args.seed
         self.downscale = models.config.vae.downscale
 
     def _text(self, captions, samples):
@@ -235,6 +240,7 @@ class BatchAssembler:
 
     def __call__(self, samples):
         from library.training.resample import area_resize
+        key = samples[0]["batch_key"]
         if self.layout.latents_cached:
             pixels = np.stack([s["latents"] for s in samples]).astype(np.float32)
             latent_shape = pixels.shape
@@ -243,14 +249,15 @@ class BatchAssembler:
             pixels = np.stack([s["image"] for s in samples]).astype(np.float32)
             b, _, h, w = pixels.shape
             latent_shape = (b, 4, h // self.downscale, w // self.downscale)
-            vae_noise = self.vae_rng.standard_normal(latent_shape).astype(np.float32)
+            vae_noise = np.random.default_rng([self.seed, VAE_STREAM, *key]).standard_normal(
+                latent_shape).astype(np.float32)
         captions = [s["caption"] for s in samples]
         text = self._text(captions, samples)
 
         def pairs(key):
             return np.array([s[key] for s in samples], dtype=np.float32)
 
-        draws = self.noise_sampler.draw(latent_shape)
+        draws = self.noise_sampler.draw(latent_shape, (NOISE_STREAM, *key))
         mask = np.zeros(1, np.float32)
         if self.layout.masked:
             masks = [s["alpha_mask"] if s.get("alpha_mask") is not None

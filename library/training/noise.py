@@ -126,14 +126,20 @@ def pyramid_noise(shape, iterations, discount, rng):
 
 
 class NoiseSampler:
-    """Draws each step's `NoiseDraws` from one seeded generator (same seed, same draws)."""
+    """Draws a batch's `NoiseDraws` from a generator seeded by (seed, *key).
+
+    The trainer's key is the batch's (epoch, index in the epoch's global batch order), so a
+    batch's noise depends on nothing that came before it: a resumed run continues with the
+    noise an uninterrupted one would have drawn, and with data parallelism a batch gets the same
+    noise whichever rank trains it.
+    """
 
     def __init__(self, options: NoiseOptions, seed: int):
         self.options = options
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
 
-    def draw(self, latent_shape):
-        opts, rng = self.options, self.rng
+    def draw(self, latent_shape, key):
+        opts, rng = self.options, np.random.default_rng([self.seed, *key])
         b, c = latent_shape[:2]
         zeros = np.zeros(latent_shape, dtype=np.float32)
         noise = rng.standard_normal(latent_shape).astype(np.float32)

@@ -1,10 +1,10 @@
 """Benchmark: compile time of the train step per bucket shape, and ms.jit options, as a table.
 
-    python bench/compile_step.py [--cases O0,O1,strict,ahead] [--steps 2]
+    python bench/compile_step.py [--cases O0,O1,strict,ahead] [--buckets 3] [--steps 2]
 
 Each case runs in its own process (so nothing is cached between cases) and builds the real run
-in-process from the trainer's own arguments, on the tiny checkpoint: three images whose aspect
-ratios fall into three buckets (latents 8x8, 12x4 and 16x4), `--network_train_unet_only
+in-process from the trainer's own arguments, on the tiny checkpoint: one image per bucket, up to
+three buckets (latents 8x8, 4x12 and 4x16; --buckets), `--network_train_unet_only
 --cache_latents --cache_text_encoder_outputs`, AdamW, float32, batch 1.
 
 Cases: `O0` (ms.jit's default, what the trainer uses), `O1` (jit_level="O1"), `strict`
@@ -30,11 +30,11 @@ sys.path.insert(0, ROOT)
 SIZES = [(64, 64), (96, 32), (128, 32)]     # three buckets at resolution 64, steps 32
 
 
-def _dataset(folder):
+def _dataset(folder, buckets):
     from PIL import Image, ImageDraw
     images = os.path.join(folder, "img", "1_bench")
     os.makedirs(images)
-    for i, (w, h) in enumerate(SIZES):
+    for i, (w, h) in enumerate(SIZES[:buckets]):
         img = Image.new("RGB", (w, h), "white")
         ImageDraw.Draw(img).ellipse([w * 0.2, h * 0.2, w * 0.8, h * 0.8], fill=(210, 40, 40))
         img.save(os.path.join(images, f"{i}.png"))
@@ -43,7 +43,7 @@ def _dataset(folder):
     return os.path.dirname(images)
 
 
-def run_case(case, ckpt, steps):
+def run_case(case, ckpt, steps, buckets):
     import mindspore as ms
     from library import device
     from library.training.args import parse_args
@@ -52,7 +52,7 @@ def run_case(case, ckpt, steps):
     device.configure()
     with tempfile.TemporaryDirectory(prefix="compile_bench_") as workdir:
         _, args = parse_args([
-            "--pretrained_model_name_or_path", ckpt, "--train_data_dir", _dataset(workdir),
+            "--pretrained_model_name_or_path", ckpt, "--train_data_dir", _dataset(workdir, buckets),
             "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "32",
             "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
             "--caption_extension", ".txt", "--network_module", "networks.lora",
@@ -100,11 +100,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="O0,O1,strict,ahead")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per bucket after the first")
+    parser.add_argument("--buckets", type=int, default=3, choices=[1, 2, 3])
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        run_case(args.case, args.ckpt, args.steps)
+        run_case(args.case, args.ckpt, args.steps, args.buckets)
         return
     with tempfile.TemporaryDirectory(prefix="compile_bench_ckpt_") as tmp:
         ckpt = os.path.join(tmp, "tiny.safetensors")
@@ -114,7 +115,7 @@ def main():
         rows = []
         for case in args.cases.split(","):
             proc = subprocess.run([sys.executable, __file__, "--case", case, "--ckpt", ckpt,
-                                   "--steps", str(args.steps)], capture_output=True, text=True,
+                                   "--steps", str(args.steps), "--buckets", str(args.buckets)], capture_output=True, text=True,
                                   env=dict(os.environ, PYTHONPATH=ROOT))
             lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
             if proc.returncode or not lines:

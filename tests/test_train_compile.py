@@ -7,7 +7,6 @@ import random
 
 import numpy as np
 import pytest
-import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common import api as ms_api
 

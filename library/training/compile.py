@@ -20,8 +20,8 @@ import time
 
 logger = logging.getLogger("sdxl_train_network")
 
-# ms.jit's defaults. O1 and STRICT syntax (fullgraph=True) compiled the tiny train step no faster
-# on CPU (bench/compile_step.py; docs/training.md), so the default stays.
+# ms.jit's default. O1 and STRICT syntax (fullgraph=True) gave the same losses but no clear
+# compile-time gain on CPU (bench/compile_step.py; docs/training.md), so the default stays.
 JIT_LEVEL = "O0"
 
 

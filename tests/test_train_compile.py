@@ -134,3 +134,11 @@ def test_cli_compiles_one_graph_per_bucket_ahead_with_fp16_scaling(tiny_ckpt, tm
     assert end["event"] == "end" and end["compiled_graphs"] == 3
     saved = [e for e in events if e["event"] == "bucket_cap_savings"][0]
     assert saved["estimated_compile_seconds_saved"] > 0
+
+
+def test_compile_all_buckets_first_with_pynative_is_a_parse_time_error():
+    from library.training.args import parse_args
+    from library.training.loop import _check_contradictions
+    _, args = parse_args(["--compile_all_buckets_first", "--pynative"])
+    with pytest.raises(UserError, match="--compile_all_buckets_first"):
+        _check_contradictions(args)

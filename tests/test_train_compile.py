@@ -139,6 +139,7 @@ def test_cli_compiles_one_graph_per_bucket_ahead_with_fp16_scaling(tiny_ckpt, tm
 def test_compile_all_buckets_first_with_pynative_is_a_parse_time_error():
     from library.training.args import parse_args
     from library.training.loop import _check_contradictions
-    _, args = parse_args(["--compile_all_buckets_first", "--pynative"])
+    _, args = parse_args(["--compile_all_buckets_first", "--pynative", "--network_module",
+                          "networks.lora"])
     with pytest.raises(UserError, match="--compile_all_buckets_first"):
         _check_contradictions(args)

@@ -128,6 +128,7 @@ def test_max_grad_norm_clips_and_zero_turns_it_off(tiny_ckpt, data_dir, tmp_path
     _, t = build(tiny_ckpt, data_dir, tmp_path, *CACHED, *SGD, "--max_grad_norm", "1e-4")
     _, off_args = parse_args(["--max_grad_norm", "0"])
     assert t.apply_step.max_grad_norm == 1e-4
+    assert t.apply_step.loss_scaler is None and not t.grad_step.scaled    # float32: no scaling
     params, buffers = list(t.grad_step.trainable), list(t.grad_step.grad_buffers)
     t.grad_step(*first_batch_inputs(t))
     p0, g = numpy_of(params), [b.asnumpy() for b in buffers]
@@ -178,7 +179,8 @@ def test_text_encoder_lora_trains_without_caches(tiny_ckpt, data_dir, tmp_path):
 
 def test_mixed_precision_fp16_runs_a_step_on_cpu(tiny_ckpt, data_dir, tmp_path):
     """--mixed_precision fp16: frozen weights in float16, LoRA and optimizer state in float32,
-    and one step with a finite loss on CPU."""
+    the loss scaled (accelerate's GradScaler: 2**16) so the buffers hold scaled gradients that
+    the apply step unscales, and one step with a finite loss on CPU."""
     _, t = build(tiny_ckpt, data_dir, tmp_path, *CACHED, "--mixed_precision", "fp16",
                  "--learning_rate", "1e-3")
     frozen = [p for cell in (t.models.unet, t.models.text_encoder1, t.models.text_encoder2)
@@ -186,10 +188,17 @@ def test_mixed_precision_fp16_runs_a_step_on_cpu(tiny_ckpt, data_dir, tmp_path):
     assert {p.dtype for p in frozen} == {ms.float16}
     lora = list(t.grad_step.trainable)
     assert {p.dtype for p in lora} == {ms.float32}
+    scaler = t.apply_step.loss_scaler
+    assert t.grad_step.loss_scale is scaler.scale and float(scaler.scale.asnumpy()) == 2.0 ** 16
+    assert "loss_scale.scale" in t.apply_step.parameters_dict()
     before = numpy_of(lora)
-    loss, _ = t.grad_step(*first_batch_inputs(t))
+    loss, per_sample = t.grad_step(*first_batch_inputs(t))
+    assert float(loss.asnumpy()) == pytest.approx(float(per_sample.asnumpy().mean()))  # unscaled
+    scaled_norm = global_norm(numpy_of(t.grad_step.grad_buffers))
     norm = t.apply_step(Tensor(t.schedule.lrs(0)), Tensor(1.0, ms.float32))
     assert np.isfinite(float(loss.asnumpy())) and np.isfinite(float(norm.asnumpy()))
+    assert scaled_norm == pytest.approx(2.0 ** 16 * float(norm.asnumpy()), rel=1e-4)
+    assert int(scaler.skipped_steps.asnumpy()) == 0 and int(scaler.good_steps.asnumpy()) == 1
     after = numpy_of(lora)
     assert {p.dtype for p in lora} == {ms.float32}
     assert all(np.isfinite(a).all() for a in after)

@@ -154,6 +154,12 @@ def _add_training_arguments(a):
     a("--pynative", action="store_true",
       help="(this port) run the step op by op instead of as a compiled graph: no compile time, "
            "slower steps; for debugging and quick checks")
+    a("--compile_all_buckets_first", action="store_true",
+      help="(this port) compile the step graph of every batch shape before step 1, with a "
+           "progress bar, instead of at each shape's first batch; nothing is trained by it")
+    a("--max_bucket_count", type=int, default=None,
+      help="(this port) keep at most N bucket shapes (the most populated); images of the "
+           "others go to the kept bucket nearest their aspect ratio. Fewer graphs to compile")
     a("--config_file", type=str, default=None)
     a("--output_config", action="store_true")
 

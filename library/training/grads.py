@@ -44,7 +44,10 @@ class DynamicLossScaler(nn.Cell):
 
     On a step whose grads hold inf/NaN the update is skipped and the scale multiplied by
     `backoff_factor`; after `growth_interval` finite steps in a row it is multiplied by
-    `growth_factor`. The scale and the run of good steps are Parameters (saved with the state).
+    `growth_factor`. The scale, the run of good steps and the count of skipped steps are
+    Parameters (`loss_scale.*`), saved with the training state; the count keeps the LR schedule
+    behind by the skipped steps, as accelerate's scheduler, which does not step when the
+    optimizer step was skipped.
     """
 
     def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
@@ -53,6 +56,8 @@ class DynamicLossScaler(nn.Cell):
         self.scale = Parameter(Tensor(init_scale, F32), name="loss_scale.scale", requires_grad=False)
         self.good_steps = Parameter(Tensor(0, ms.int32), name="loss_scale.good_steps",
                                     requires_grad=False)
+        self.skipped_steps = Parameter(Tensor(0, ms.int32), name="loss_scale.skipped_steps",
+                                       requires_grad=False)
         self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
         self.growth_interval = growth_interval
         self.hyper_map = ops.HyperMap()
@@ -77,4 +82,6 @@ class DynamicLossScaler(nn.Cell):
                            self.scale * self.backoff_factor)
         ops.assign(self.good_steps, ops.select(grow, ops.zeros_like(good), good))
         ops.assign(self.scale, scale)
+        ops.assign(self.skipped_steps, self.skipped_steps + ops.select(
+            finite, ops.zeros_like(self.skipped_steps), ops.ones_like(self.skipped_steps)))
         return finite

@@ -80,6 +80,8 @@ def _check_contradictions(args):
     if args.clip_skip is not None:
         logger.warning("--clip_skip has no effect on SDXL (as in kohya); it is only written to "
                        "the metadata")
+    if args.compile_all_buckets_first and args.pynative:
+        raise UserError("--compile_all_buckets_first has nothing to compile with --pynative")
     if args.debug_dataset:
         raise UserError("--debug_dataset: use `python tools/inspect_dataset.py` with the same "
                         "dataset options to see what the dataset builds")
@@ -97,6 +99,7 @@ class Plan:
     num_update_steps_per_epoch: int
     num_epochs: int
     resume: object = None      # the progress record of the --resume state folder
+    bucket_cap: object = None       # library.data.bucket_cap.BucketCap with --max_bucket_count
 
 
 def prepare(args):
@@ -146,6 +149,10 @@ def prepare(args):
     if args.seed is None:
         args.seed = random.randint(0, 2 ** 32 - 1)   # kohya draws one too; it is logged and saved
     train_group, val_group = build_dataset_groups(resolve_dataset_configs(args), seed=args.seed)
+    bucket_cap = None
+    if args.max_bucket_count is not None:
+        from library.data.bucket_cap import cap_buckets
+        bucket_cap = cap_buckets(train_group, args.max_bucket_count, val_group)
     if args.cache_text_encoder_outputs_to_disk:
         args.cache_text_encoder_outputs = True
     if args.cache_latents_to_disk:
@@ -177,7 +184,7 @@ def prepare(args):
         from library.training.state import check_compatible
         check_compatible(resume, args.resume, args)
     return Plan(args, train_group, val_group, noise_options, loss_options, schedule_options,
-                net_kwargs, per_epoch, num_epochs, resume)
+                net_kwargs, per_epoch, num_epochs, resume, bucket_cap)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -324,6 +331,7 @@ def build_training(plan, models):
     from library.data.loader import BatchLoader
     from library.text import load_tokenizers
     from library.training.losses import DiffusionLoss
+    from library.training.loss_scale import make_loss_scaler
     from library.training.noise import NoiseSampler, ddpm_schedule
     from library.training.noising import ForwardDiffusion
     from library.training.optim import build_optimizer
@@ -363,10 +371,12 @@ def build_training(plan, models):
     layout = StepLayout(latents_cached=latent_cache is not None, text_cached=text_cache is not None,
                         weighted=bool(args.weighted_captions), masked=plan.loss_options.masked)
     ddpm = ddpm_schedule()
+    scaler = make_loss_scaler(args)     # fp16 only
     grad_step = GradStep(models, trainable, ForwardDiffusion(ddpm, plan.noise_options,
                                                              args.v_parameterization),
-                         DiffusionLoss(plan.loss_options, ddpm), layout, weight_dtype, vae_dtype)
-    apply_step = ApplyStep(grad_step.grad_buffers, built.optimizer, args.max_grad_norm)
+                         DiffusionLoss(plan.loss_options, ddpm), layout, weight_dtype, vae_dtype,
+                         None if scaler is None else scaler.scale)
+    apply_step = ApplyStep(grad_step.grad_buffers, built.optimizer, args.max_grad_norm, scaler)
     network.on_epoch_start()
     assembler = BatchAssembler(models, layout, NoiseSampler(plan.noise_options, args.seed), args,
                                load_tokenizers())
@@ -381,7 +391,9 @@ def train(plan):
     import mindspore as ms
     from tqdm import tqdm
     from library.training import filenames as names
+    from library.training.compile import StepGraph, compile_run_ahead
     from library.training.logs import RunLog, draw_loss_curve, tensorboard_dir
+    from library.training.loss_scale import LossScaleWatch
     from library.training.run_metadata import at_save, run_metadata
     from library.training.state import load_state, remove_state, save_state
 
@@ -393,7 +405,7 @@ def train(plan):
     if args.pynative:
         grad_fn, apply_fn = t.grad_step, t.apply_step
     else:
-        grad_fn, apply_fn = ms.jit(t.grad_step.construct), ms.jit(t.apply_step.construct)
+        grad_fn, apply_fn = StepGraph(t.grad_step), StepGraph(t.apply_step)
 
     te_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
     metadata = run_metadata(args, plan.train_group, plan.val_group,
@@ -405,6 +417,8 @@ def train(plan):
     log.event("start", seed=args.seed, max_train_steps=args.max_train_steps,
               num_epochs=plan.num_epochs, buckets=[list(s) for s in plan.train_group.bucket_shapes()],
               trainable_tensors=len(trainable), groups=[g.description for g in groups])
+    if plan.bucket_cap is not None:
+        log.event("bucket_cap", **plan.bucket_cap.as_dict())
     save_dtype = {None: None, "float": "float32", "fp16": "float16", "bf16": "bfloat16"}[
         args.save_precision]
 
@@ -453,6 +467,10 @@ def train(plan):
                 f"{plan.train_group.bucket_shapes()}")
     compiled = {}
     accumulation = ms.Tensor(float(args.gradient_accumulation_steps), ms.float32)
+    scaling = LossScaleWatch(t.apply_step.loss_scaler, log)
+    apply_compiled = args.pynative or args.compile_all_buckets_first
+    if args.compile_all_buckets_first:
+        compiled = compile_run_ahead(plan, t, grad_fn, apply_fn, accumulation, log)
     bar = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", smoothing=0,
                dynamic_ncols=True)
     epoch = start_epoch - 1
@@ -485,13 +503,18 @@ def train(plan):
                 loss_sum, loss_count = loss_sum + loss, loss_count + 1
                 if micro % args.gradient_accumulation_steps:
                     continue
-                lrs = schedule.lrs(global_step)
+                lrs = schedule.lrs(scaling.schedule_step(global_step))
+                t1 = time.time()
                 grad_norm = float(apply_fn(ms.Tensor(lrs), accumulation).asnumpy())
+                if not apply_compiled:      # its first call: the compile and one update
+                    apply_compiled = True
+                    log.event("compile", graph="apply_step", seconds=time.time() - t1)
                 global_step += 1
                 step_seconds = time.time() - t0
                 scalars = {"loss/current": loss, "loss/average": loss_sum / loss_count,
                            "grad_norm": grad_norm, "seconds_per_step": step_seconds}
                 scalars.update({f"lr/{g.description}": float(lr) for g, lr in zip(groups, lrs)})
+                scalars.update(scaling.after_apply(global_step, epoch))
                 log.step(global_step, scalars)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, avr_loss=f"{loss_sum / loss_count:.4f}",
@@ -533,7 +556,11 @@ def train(plan):
         if log.losses:
             draw_loss_curve(log.losses, os.path.join(args.output_dir, f"{name}_loss.png"),
                             title=f"{name}: loss per step")
-        log.event("end", steps=global_step, compiled_graphs=len(compiled))
+        if plan.bucket_cap is not None:
+            log.event("bucket_cap_savings", estimated_compile_seconds_saved=(
+                plan.bucket_cap.estimated_seconds_saved(compiled.values())))
+        log.event("end", steps=global_step, compiled_graphs=len(compiled),
+                  skipped_steps=scaling.skipped())
         log.close()
     logger.info(f"saved {final} ({global_step} steps, {len(compiled)} compiled step graph(s))")
     return final

@@ -10,6 +10,12 @@ loss before the batch mean.
 (--max_grad_norm, 0 = off), the optimizer update with the step's learning rates (a tensor input,
 so a new LR never recompiles), and zeroed buffers. It returns the gradient norm.
 
+With `--mixed_precision fp16` a DynamicLossScaler (library.training.grads) is a child of
+`ApplyStep` and `GradStep` reads its scale Parameter: the grad step differentiates the scaled loss
+(so the buffers hold scaled gradients, also across accumulation), and the apply step unscales,
+checks that every gradient is finite, clips, updates only when they are, and adjusts the scale.
+Without it (no, bf16) neither graph holds any of this.
+
 Every random number comes in as an input (drawn on the host from seeded generators), so a step
 is a pure function of its inputs and the parameters: runs are reproducible and resumable, and the
 graph never depends on the noise options' random state.
@@ -45,8 +51,11 @@ class GradStep(nn.Cell):
     """
 
     def __init__(self, models, trainable, forward_diffusion, loss, layout: StepLayout,
-                 weight_dtype=ms.float32, vae_dtype=ms.float32):
+                 weight_dtype=ms.float32, vae_dtype=ms.float32, loss_scale=None):
         super().__init__(auto_prefix=False)
+        # fp16: the DynamicLossScaler's scale Parameter, shared with ApplyStep, which updates it
+        self.scaled = loss_scale is not None
+        self.loss_scale = loss_scale
         self.unet = models.unet
         self.vae = models.vae
         self.te1 = models.text_encoder1
@@ -93,11 +102,15 @@ class GradStep(nn.Cell):
         pred = self.unet(noisy.astype(wd), timesteps, context.astype(wd), y.astype(wd))
         per_sample = self.loss.per_sample(pred, target, timesteps, loss_weights,
                                           mask if self.masked else None)
+        if self.scaled:
+            return per_sample.mean() * self.loss_scale, per_sample
         return per_sample.mean(), per_sample
 
     def construct(self, *inputs):
         (loss, per_sample), grads = self.value_and_grad(*inputs)
         self.hyper_map(ops.assign_add, self.grad_buffers, grads)
+        if self.scaled:
+            loss = per_sample.mean()    # the loss, not the scaled one the gradients came from
         return loss, per_sample
 
 
@@ -118,17 +131,34 @@ def _zero_tensor(buffer):
 class ApplyStep(nn.Cell):
     """`construct(lrs, accumulation) -> grad_norm`: update from the accumulated gradients."""
 
-    def __init__(self, grad_buffers, optimizer, max_grad_norm):
+    def __init__(self, grad_buffers, optimizer, max_grad_norm, loss_scaler=None):
         super().__init__(auto_prefix=False)
         self.grad_buffers = grad_buffers
         self.optimizer = optimizer
+        self.scaled = loss_scaler is not None
+        self.loss_scaler = loss_scaler      # a child Cell: its Parameters are saved with the state
         # 0 turns clipping off (kohya); the norm is still computed for the log
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else float("inf")
         self.hyper_map = ops.HyperMap()
 
     def construct(self, lrs, accumulation):
         grads = self.hyper_map(ops.partial(_divide, accumulation), self.grad_buffers)
+        if self.scaled:
+            return self._scaled_update(grads, lrs)
         grads, norm = clip_by_global_norm(grads, self.max_grad_norm)
         self.optimizer(grads, lrs)
+        self.hyper_map(_zero, self.grad_buffers)
+        return norm
+
+    def _scaled_update(self, grads, lrs):
+        """torch GradScaler's order under accelerate: unscale, check, clip, step unless inf/NaN,
+        update the scale. A skipped step leaves weights and optimizer state (its step count
+        too) as they were; the returned norm is then not finite."""
+        grads = self.loss_scaler.unscale(grads)
+        finite = self.loss_scaler.all_finite(grads)
+        grads, norm = clip_by_global_norm(grads, self.max_grad_norm)
+        if finite:
+            self.optimizer(grads, lrs)
+        self.loss_scaler.update(finite)
         self.hyper_map(_zero, self.grad_buffers)
         return norm

@@ -1,0 +1,145 @@
+"""Step-graph compile management: compiling ahead without running, the batch shapes a run
+compiles for, --max_bucket_count, and (under `full`) a CLI run that compiles exactly one graph
+per bucket."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+from mindspore import nn, ops, Parameter, Tensor
+from mindspore.common import api as ms_api
+
+from library.data.bucket_cap import batch_shape_count, cap_buckets
+from library.data.dataset import build_dataset_groups, load_sample
+from library.errors import UserError
+from library.training.compile import StepGraph, batch_shapes
+from test_data_dataset import dataset_config, make_images, subset
+
+
+class Accumulate(nn.Cell):
+    """A side effect like the apply step's: running it changes a Parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = Parameter(Tensor(np.zeros(3, np.float32)), name="compile_test.total")
+
+    def construct(self, x):
+        ops.assign(self.total, self.total + x * 2)
+        return self.total.sum()
+
+
+def test_compile_builds_the_graph_without_running_it_and_the_call_reuses_it():
+    cell = Accumulate()
+    graph = StepGraph(cell)
+    x = Tensor(np.ones(3, np.float32))
+    seconds = graph.compile(x)
+    assert seconds > 0
+    assert not cell.total.asnumpy().any()            # compiling ran nothing
+    graphs = len(ms_api.ms_compile_cache)
+    assert float(graph(x).asnumpy()) == 6.0
+    assert len(ms_api.ms_compile_cache) == graphs    # the call found the compiled graph
+    graph.compile(Tensor(np.ones(1, np.float32)))    # a new shape is a new graph
+    assert len(ms_api.ms_compile_cache) == graphs + 1
+    np.testing.assert_array_equal(cell.total.asnumpy(), [2, 2, 2])
+
+
+SIZES = [(64, 64)] * 3 + [(96, 32)] * 2 + [(32, 96)] + [(128, 32)]   # four buckets
+
+
+def group_of(tmp_path, batch_size=2, validation_split=0.0):
+    folder = make_images(tmp_path / "img", SIZES)
+    return build_dataset_groups([dataset_config([subset(folder)], batch_size=batch_size,
+                                                validation_split=validation_split)], seed=1)
+
+
+def test_batch_shapes_holds_one_batch_per_bucket_and_length(tmp_path):
+    train, _ = group_of(tmp_path, batch_size=2)
+    shapes = [(train.datasets[di].records[idx[0]].bucket.bucket_wh, len(idx))
+              for di, idx in batch_shapes(train, seed=3)]
+    # 3 images of 64x64 in batches of 2: a full batch and a short one
+    assert shapes == [((32, 96), 1), ((64, 64), 1), ((64, 64), 2), ((96, 32), 2), ((128, 32), 1)]
+    assert batch_shape_count(train) == len(shapes)
+
+
+def test_max_bucket_count_moves_images_to_the_nearest_kept_bucket(tmp_path):
+    train, _ = group_of(tmp_path)
+    assert train.bucket_shapes() == [(32, 96), (64, 64), (96, 32), (128, 32)]
+    assert cap_buckets(train, 4) is None                 # already within the cap
+    cap = cap_buckets(train, 3)
+    # kept: the most samples (64x64: 3, 96x32: 2), then the tie 32x96 / 128x32 by shape order
+    assert train.bucket_shapes() == [(32, 96), (64, 64), (96, 32)]
+    assert (cap.buckets_before, cap.buckets_after) == ([(32, 96), (64, 64), (96, 32), (128, 32)],
+                                                       [(32, 96), (64, 64), (96, 32)])
+    # batches of 2: the moved image makes 96x32 three samples, a full batch and a short one, so
+    # the short 128x32 batch's graph is traded for a short 96x32 one and nothing is saved
+    assert (cap.images_moved, cap.samples_moved, cap.graphs_before, cap.graphs_after) == (1, 1, 5, 5)
+    assert cap.estimated_seconds_saved([40.0, 60.0]) == 0.0
+    assert cap.mean_ar_error_after > cap.mean_ar_error_before == 0.0
+    ds = train.datasets[0]
+    moved = [r for r in ds.records if r.original_wh == (128, 32)][0]
+    # aspect 4 goes to 96x32 (aspect 3): resized to cover it (height 32), then cropped
+    assert (moved.bucket.bucket_wh, moved.bucket.resized_wh, moved.bucket.ar_error) == (
+        (96, 32), (128, 32), -1.0)
+    sample = load_sample(moved, ds.config, random.Random(0))
+    assert sample["image"].shape == (32, 96, 3)
+    assert sample["target_size_hw"] == (32, 96)
+    assert sum(len(v) for v in ds.buckets.values()) == len(SIZES) == train.num_samples()
+    json.dumps(cap.as_dict())                            # goes to the JSON-lines log
+
+
+def test_max_bucket_count_moves_validation_images_too_and_must_be_positive(tmp_path):
+    train, val = group_of(tmp_path, validation_split=0.5)
+    cap = cap_buckets(train, 1, val)
+    assert len(train.bucket_shapes()) == 1 and cap.images_moved > 0
+    assert set(val.bucket_shapes()) <= set(train.bucket_shapes())
+    with pytest.raises(UserError, match="--max_bucket_count 0"):
+        cap_buckets(train, 0)
+
+
+@pytest.mark.full
+def test_cli_compiles_one_graph_per_bucket_ahead_with_fp16_scaling(tiny_ckpt, tmp_path):
+    """(full: one CLI run, four compiles, several minutes on 2 cores.) Four buckets capped to
+    three by --max_bucket_count; --compile_all_buckets_first compiles the three grad graphs and
+    the apply graph before step 1 and training compiles nothing more; --mixed_precision fp16
+    logs the loss scale."""
+    from conftest import run_tool
+    folder = make_images(tmp_path / "img" / "1_sks", SIZES)
+    for path in folder.glob("*.png"):
+        path.with_suffix(".txt").write_text("a noise picture")
+    out = tmp_path / "out"
+    run_tool("sdxl_train_network.py", "--pretrained_model_name_or_path", tiny_ckpt,
+             "--network_module", "networks.lora", "--output_dir", out, "--output_name", "cap",
+             "--train_data_dir", tmp_path / "img", "--caption_extension", ".txt",
+             "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "32",
+             "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
+             "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs",
+             "--mixed_precision", "fp16", "--max_bucket_count", "3",
+             "--compile_all_buckets_first", "--max_train_epochs", "1",
+             "--max_data_loader_n_workers", "0", "--seed", "3")
+    lines = [json.loads(x) for x in open(out / "cap_log.jsonl")]
+    events = [x for x in lines if "event" in x]
+    cap = [e for e in events if e["event"] == "bucket_cap"][0]
+    assert (len(cap["buckets_before"]), len(cap["buckets_after"]), cap["images_moved"]) == (4, 3, 1)
+    compiles = [e for e in events if e["event"] == "compile"]
+    grad = [e for e in compiles if e["graph"] == "grad_step"]
+    assert len(grad) == 3 and all(e["ahead"] for e in compiles)
+    assert sorted(tuple(e["shape"][2:]) for e in grad) == [(4, 12), (8, 8), (12, 4)]
+    assert [e["graph"] for e in compiles].count("apply_step") == 1
+    steps = [x for x in lines if "step" in x and "event" not in x]
+    # one epoch of 7 batches; a step that overflowed halved the scale (none is expected here)
+    assert len(steps) == 7
+    assert all(x["loss_scale"] == 2.0 ** 16 * 0.5 ** x["skipped_steps"] for x in steps)
+    end = events[-1]
+    assert end["event"] == "end" and end["compiled_graphs"] == 3
+    saved = [e for e in events if e["event"] == "bucket_cap_savings"][0]
+    assert saved["estimated_compile_seconds_saved"] > 0
+
+
+def test_compile_all_buckets_first_with_pynative_is_a_parse_time_error():
+    from library.training.args import parse_args
+    from library.training.loop import _check_contradictions
+    _, args = parse_args(["--compile_all_buckets_first", "--pynative", "--network_module",
+                          "networks.lora"])
+    with pytest.raises(UserError, match="--compile_all_buckets_first"):
+        _check_contradictions(args)

@@ -115,7 +115,7 @@ def test_file_names_are_kohyas():
 
 def args_of(**kw):
     base = dict(sample_at_first=False, sample_every_n_steps=None, sample_every_n_epochs=None,
-                sample_prompts=None)
+                sample_prompts=None, sample_sampler="ddim")
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -136,6 +136,10 @@ def test_sample_option_checks(tmp_path, caplog):
     path = write(tmp_path / "p.txt", "a\n")
     assert len(check_sample_options(args_of(sample_prompts=path))) == 1
     assert "no samples will be made" in caplog.text
+    pndm = write(tmp_path / "pndm.txt", "a --s 3 --ss pndm\n")
+    with pytest.raises(UserError, match="pndm.txt, prompt 1: pndm needs between 4"):
+        check_sample_options(args_of(sample_prompts=pndm, sample_at_first=True,
+                                     sample_sampler="ddim"))
     with pytest.raises(UserError, match="nope.txt"):
         check_sample_options(args_of(sample_prompts=str(tmp_path / "nope.txt"),
                                      sample_at_first=True))
@@ -153,6 +157,18 @@ def test_options_are_defined_with_kohyas_defaults():
             a.validation_split, a.validation_seed) == (None, None, None, 0.0, None)
     with pytest.raises(SystemExit):
         parse_args(["--sample_sampler", "nosuch"])
+
+
+def test_eval_mode_restores_each_cells_mode_and_phase():
+    from mindspore import nn
+    from library.training.samples import eval_mode
+    net = nn.SequentialCell([nn.Dense(2, 2), nn.SequentialCell([nn.Dense(2, 2), nn.Dropout(p=0.5)])])
+    net[1].set_train(True)
+    state = [(c.training, c.phase) for _, c in net.cells_and_names()]
+    assert {t for t, _ in state} == {True, False}
+    with eval_mode(net):
+        assert not any(c.training for _, c in net.cells_and_names())
+    assert [(c.training, c.phase) for _, c in net.cells_and_names()] == state
 
 
 # --- validation --------------------------------------------------------------------------------
@@ -213,18 +229,20 @@ def rss_bytes():
 
 @pytest.fixture(scope="module")
 def run(tiny_ckpt, tmp_path_factory):
-    """prepare() + build_training() for a LoRA on UNet and text encoders, with a validation set
-    and a prompt file; nothing is compiled here."""
+    """prepare() + build_training() for a UNet LoRA with cached latents and text (the validation
+    images are cached too), a validation set and a prompt file; nothing is compiled here."""
     from library.training.loop import build_training, load_models, prepare
     root = tmp_path_factory.mktemp("samples_run")
     make_images(root / "img" / "1_sks", 4)
     prompts = write(root / "prompts.txt", "sks circle --w 64 --h 64 --d 5 --s 2 --ss euler\n"
-                    "a red thing --w 64 --h 64 --s 2 --l 1 --ss euler\n")
+                    "a red thing --w 64 --h 64 --s 2 --n blurry --ss euler\n")
     _, args = parse_args(["--pretrained_model_name_or_path", str(tiny_ckpt),
                           "--train_data_dir", str(root / "img"), "--resolution", "64",
                           "--network_module", "networks.lora", "--output_dir", str(root / "out"),
                           "--output_name", "t", "--seed", "5", "--max_data_loader_n_workers", "0",
-                          "--validation_split", "0.5", "--network_dropout", "0.5",
+                          "--validation_split", "0.5", "--max_validation_steps", "1",
+                          "--network_dropout", "0.5", "--network_train_unet_only",
+                          "--cache_latents", "--cache_text_encoder_outputs",
                           "--sample_every_n_steps", "1", "--sample_prompts", prompts,
                           "--max_train_steps", "1"])
     plan = prepare(args)
@@ -244,7 +262,8 @@ def test_validation_writes_nothing_and_repeats_exactly(run):
     params = list(training.grad_step.trainable) + list(training.grad_step.grad_buffers)
     before = [p.asnumpy().copy() for p in params]
     validation = Validation(plan, training, compile=False)
-    assert validation.enabled and validation.batches == 2 and validation.timesteps == [200, 400, 600, 800]
+    assert validation.enabled and validation.batches == 1 and validation.timesteps == [200, 400, 600, 800]
+    assert all(c is not None for c in training.validation_caches)
     first, second = validation.run(1), validation.run(2)
     validation.close()
     assert np.isfinite(first) and first == second
@@ -255,25 +274,26 @@ def test_validation_writes_nothing_and_repeats_exactly(run):
 
 
 def test_repeated_samplings_reuse_one_graph_and_do_not_grow_memory(run):
-    """Six samplings of two 64x64 prompts (one with CFG, one without: two graphs) on the
-    compiled pipeline: no new graph after the first sampling, RSS flat (measured from
-    /proc/self/statm after a warm-up sampling), files named and written as kohya's."""
+    """Five samplings of two 64x64 prompts on the compiled pipeline: one graph, compiled once;
+    RSS flat (from /proc/self/statm, after a warm-up sampling); files named and written as
+    kohya's, the training modes restored after each sampling."""
     from library.training.samples import TrainingSampler
     plan, training = run
     sampler = TrainingSampler(plan.args, training.models)
     rss = []
-    for step in range(1, 7):
+    for step in range(1, 6):
         files = sampler(step)
         assert len(files) == 2 and all(os.path.isfile(f) for f in files)
         rss.append(rss_bytes())
         assert lora_training_flags(training) == {True}      # modes restored after each
-    assert len(sampler.pipe.stats.graphs) == 2
+    assert len(sampler.pipe.stats.graphs) == 1
     names = sorted(os.path.basename(f) for f in sampler.written)
     assert names[0].startswith("t_000001_00_") and names[0].endswith("_5.png")
     assert names[1].startswith("t_000001_01_") and not names[1].endswith("_5.png")
     with Image.open(sampler.written[0]) as img:
         assert img.size == (64, 64) and img.text["seed"] == "5" and img.text["sampler"] == "euler"
     growth = rss[-1] - rss[1]
+    print("RSS after each sampling (MiB):", [r // 2 ** 20 for r in rss])
     assert growth < 20 * 2 ** 20, [r // 2 ** 20 for r in rss]
     assert not any(name.startswith(".") for name in os.listdir(sampler.folder))   # no temp files
 

@@ -214,6 +214,12 @@ def check_sample_options(args):
     if not args.sample_prompts:
         return []
     prompts = load_sample_prompts(args.sample_prompts)
+    from library.generation.samplers import schedule
+    for p in prompts:   # e.g. pndm needs 4 steps: fail now, not at the first sampling
+        try:
+            schedule(p.sampler or args.sample_sampler, p.steps)
+        except UserError as e:
+            raise UserError(f"--sample_prompts {args.sample_prompts}, prompt {p.index + 1}: {e}") from None
     if not triggered:
         logger.warning("--sample_prompts is set but no --sample_every_n_steps, "
                        "--sample_every_n_epochs or --sample_at_first: no samples will be made")
@@ -246,17 +252,19 @@ def sample_file_name(output_name, index, seed, step, epoch=None, when=None):
 @contextmanager
 def eval_mode(*cells):
     """Every cell under `cells` in eval mode (LoRA dropouts off), each restored to its own mode
-    afterwards. Restoring per cell matters: the compiled train step was traced with these modes,
-    and MindSpore does not retrace when a child cell's mode changes."""
-    saved = [(cell, cell.training) for root in cells for _, cell in root.cells_and_names()]
+    and phase afterwards. Restoring per cell matters: the compiled train step was traced with
+    these modes, and MindSpore keys its graph cache on the outer cell's phase only, so it would
+    not retrace if a child cell's mode stayed changed."""
+    saved = [(cell, cell.training, cell.phase) for root in cells
+             for _, cell in root.cells_and_names()]
     try:
         for root in cells:
             root.set_train(False)
         yield
     finally:
-        # parents before children (cells_and_names order), as set_train recurses
-        for cell, mode in saved:
-            cell.set_train(mode)
+        for cell, mode, phase in saved:     # set_train would recurse; restore cell by cell
+            cell.add_flags(training=mode)
+            cell.phase = phase
 
 
 class TrainingSampler:

@@ -338,4 +338,6 @@ def test_cli_samples_and_validation_in_graph_mode(tiny_ckpt, tmp_path):
     assert [c for c in compiles if c[0] == "validation"] == [("validation", (1, 4, 8, 8))]
     samples = [e for e in events if e["event"] == "sample"]
     assert [e["step"] for e in samples] == [2, 4] and samples[-1]["graphs"] == 2
-    assert (out / "s.safetensors").is_file()
+    from library.safetensors_io import SafetensorsFile
+    md = SafetensorsFile(out / "s.safetensors").metadata
+    assert (md["ss_validate_every_n_steps"], md["ss_max_validation_steps"]) == ("2", "1")

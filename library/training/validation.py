@@ -90,7 +90,7 @@ class Validation:
 
         self.models = training.models
         self.seed = args.validation_seed if args.validation_seed is not None else args.seed
-        latent_cache, text_cache = getattr(training, "validation_caches", (None, None))
+        latent_cache, text_cache = training.validation_caches
         self.loader = BatchLoader(plan.val_group, self.seed, args.max_data_loader_n_workers,
                                   args.persistent_data_loader_workers, args.max_train_steps,
                                   latent_cache=latent_cache, text_cache=text_cache)

@@ -1,7 +1,7 @@
 """Training-time samples and validation: prompt files, file names, triggers and option checks
-(pure Python, fast), the validation split and timesteps, then an in-process run on the tiny
-model: validation changes no weight, and repeated samplings reuse one compiled graph without
-growing memory."""
+(pure Python, fast), the validation split and timesteps, then in process on the tiny model:
+repeated samplings reuse one compiled graph without growing memory; and, in the full suite,
+validation changes no weight, and a graph-mode command-line run with samples and validation."""
 
 import argparse
 import json
@@ -253,10 +253,12 @@ def lora_training_flags(training):
     return {lora.training for lora in training.network.loras}
 
 
+@pytest.mark.full
 def test_validation_writes_nothing_and_repeats_exactly(run):
     """Forward only: no LoRA parameter, gradient buffer or mode changes; the same noise every
     time (drawn from the validation seed), so two validations give the same loss. Dropouts are
-    off (--network_dropout 0.5 would make the two differ)."""
+    off (--network_dropout 0.5 would make the two differ). Full suite: eight op-by-op UNet
+    forwards (about 45 s of CPU here)."""
     from library.training.validation import Validation
     plan, training = run
     params = list(training.grad_step.trainable) + list(training.grad_step.grad_buffers)
@@ -274,14 +276,14 @@ def test_validation_writes_nothing_and_repeats_exactly(run):
 
 
 def test_repeated_samplings_reuse_one_graph_and_do_not_grow_memory(run):
-    """Five samplings of two 64x64 prompts on the compiled pipeline: one graph, compiled once;
+    """Four samplings of two 64x64 prompts on the compiled pipeline: one graph, compiled once;
     RSS flat (from /proc/self/statm, after a warm-up sampling); files named and written as
     kohya's, the training modes restored after each sampling."""
     from library.training.samples import TrainingSampler
     plan, training = run
     sampler = TrainingSampler(plan.args, training.models)
     rss = []
-    for step in range(1, 6):
+    for step in range(1, 5):
         files = sampler(step)
         assert len(files) == 2 and all(os.path.isfile(f) for f in files)
         rss.append(rss_bytes())

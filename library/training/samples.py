@@ -270,12 +270,11 @@ def eval_mode(*cells):
 class TrainingSampler:
     """Makes and writes the samples that are due; holds one Pipeline for the whole run."""
 
-    def __init__(self, args, models, prompts=None, log=None):
+    def __init__(self, args, models, log=None):
         self.args = args
         self.models = models
         self.log = log          # a RunLog: one "sample" event per sampling
-        self.prompts = prompts if prompts is not None else (
-            load_sample_prompts(args.sample_prompts) if args.sample_prompts else [])
+        self.prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else []
         self.folder = os.path.join(args.output_dir, SAMPLE_DIR)
         self.pipe = None
         self.written = []

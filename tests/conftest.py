@@ -12,14 +12,25 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
+def _tool_env(env):
+    return dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+
+
 def run_tool(*args, check=True, env=None):
     """Run a project script as a user would; returns the CompletedProcess (text mode)."""
-    full_env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, env=full_env)
+                          text=True, env=_tool_env(env))
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def start_tool(*args, output, env=None):
+    """Start a project script in the background (for the test to stop it); its stdout and
+    stderr go to the file `output` (a pipe nobody reads could fill up and block it)."""
+    with open(output, "w") as sink:
+        return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, stdout=sink,
+                                stderr=subprocess.STDOUT, env=_tool_env(env))
 
 
 @pytest.fixture(scope="session")

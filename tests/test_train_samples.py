@@ -332,6 +332,11 @@ def test_cli_samples_and_validation_in_graph_mode(tiny_ckpt, tmp_path):
     steps, events = read_log(out / "s_log.jsonl")
     validated = [s["step"] for s in steps if "loss/validation/step_average" in s]
     assert validated == [2, 4]
+    # the compiled validation and sampling graphs see the weights the apply graph updated
+    averages = [s["loss/validation/step_average"] for s in steps if s["step"] in validated]
+    assert averages[0] != averages[1]
+    with Image.open(out / "sample" / files[0]) as a, Image.open(out / "sample" / files[2]) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))
     assert all(np.isfinite(s["loss/validation/step_divergence"]) for s in steps if s["step"] in validated)
     epochs = [json.loads(x) for x in open(out / "s_log.jsonl") if '"epoch": 1,' in x and "event" not in x]
     assert len(epochs) == 1 and np.isfinite(epochs[0]["loss/validation/epoch_average"])

@@ -63,11 +63,6 @@ UNSUPPORTED = {
     "base_weights": "not supported yet; merge LoRAs into the model with tools/merge_lora.py",
     "base_weights_multiplier": "not supported yet; merge LoRAs with tools/merge_lora.py",
     # saving / hub / state (issue: training at scale)
-    "save_state": "state saving and --resume are not supported yet",
-    "save_state_on_train_end": "state saving and --resume are not supported yet",
-    "save_last_n_epochs_state": "state saving and --resume are not supported yet",
-    "save_last_n_steps_state": "state saving and --resume are not supported yet",
-    "resume": "state saving and --resume are not supported yet",
     "huggingface_repo_id": "uploading to the Hugging Face hub is not supported",
     "huggingface_repo_type": "uploading to the Hugging Face hub is not supported",
     "huggingface_path_in_repo": "uploading to the Hugging Face hub is not supported",
@@ -127,6 +122,15 @@ def _add_training_arguments(a):
     a("--save_n_epoch_ratio", type=int, default=None)
     a("--save_last_n_epochs", type=int, default=None)
     a("--save_last_n_steps", type=int, default=None)
+    a("--save_state", action="store_true",
+      help="with each epoch/step save, also save the training state (<name>-...-state folders) "
+           "and <name>-state at the end; --resume continues from one exactly")
+    a("--save_state_on_train_end", action="store_true", help="save only the final <name>-state")
+    a("--save_last_n_epochs_state", type=int, default=None,
+      help="keep this many epoch states (default: --save_last_n_epochs)")
+    a("--save_last_n_steps_state", type=int, default=None,
+      help="keep the step states of this many last steps (default: --save_last_n_steps)")
+    a("--resume", type=str, default=None, help="a state folder to continue training from")
     a("--no_metadata", action="store_true")
     for field in ("title", "author", "description", "license", "tags"):
         a(f"--metadata_{field}", type=str, default=None)

@@ -23,6 +23,20 @@ class RunLog:
             from tensorboardX import SummaryWriter
             self._writer = SummaryWriter(tensorboard_dir)
 
+    def resume_losses(self, up_to_step):
+        """Take the losses of steps 1..up_to_step from the log a resumed run continues, so the
+        loss curve covers the whole run (steps a killed run logged past its state are redone)."""
+        by_step = {}
+        with open(self.jsonl_path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except ValueError:      # the last line of a killed run may be cut short
+                    continue
+                if "event" not in record and record.get("step", 0) <= up_to_step:
+                    by_step[record["step"]] = record["loss/current"]
+        self.losses = [by_step[s] for s in sorted(by_step)]
+
     def event(self, kind, **fields):
         """A non-scalar record (a compile, a save, the run's end) in the JSON-lines log."""
         self._file.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")

@@ -22,9 +22,6 @@ from library.errors import UserError
 
 logger = logging.getLogger("sdxl_train_network")
 
-DEFAULT_LAST_NAME, DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME = "last", "epoch", "at"
-
-
 class TrainingStopped(UserError):
     """The run cannot go on (a non-finite loss): the message says where and why."""
 
@@ -99,6 +96,7 @@ class Plan:
     net_kwargs: dict
     num_update_steps_per_epoch: int
     num_epochs: int
+    resume: object = None      # the progress record of the --resume state folder
 
 
 def prepare(args):
@@ -141,6 +139,12 @@ def prepare(args):
         lr_scheduler_timescale=args.lr_scheduler_timescale,
         lr_scheduler_min_lr_ratio=args.lr_scheduler_min_lr_ratio)
 
+    resume = None
+    if args.resume:
+        from library.training.state import read_progress
+        resume = read_progress(args.resume)
+        if args.seed is None:
+            args.seed = resume["seed"]      # the resumed run's data order and noise need it
     if args.seed is None:
         args.seed = random.randint(0, 2 ** 32 - 1)   # kohya draws one too; it is logged and saved
     train_group, val_group = build_dataset_groups(resolve_dataset_configs(args), seed=args.seed)
@@ -173,31 +177,11 @@ def prepare(args):
     num_epochs = math.ceil(args.max_train_steps / per_epoch)
     if args.save_n_epoch_ratio:
         args.save_every_n_epochs = math.floor(num_epochs / args.save_n_epoch_ratio) or 1
+    if resume is not None:
+        from library.training.state import check_compatible
+        check_compatible(resume, args.resume, args)
     return Plan(args, train_group, val_group, noise_options, loss_options, schedule_options,
-                net_kwargs, per_epoch, num_epochs)
-
-
-# --- file names (kohya's) ---------------------------------------------------------------------
-
-def last_name(args):
-    return f"{args.output_name or DEFAULT_LAST_NAME}.safetensors"
-
-
-def epoch_name(args, epoch):
-    return f"{args.output_name or DEFAULT_EPOCH_NAME}-{epoch:06d}.safetensors"
-
-
-def step_name(args, step):
-    return f"{args.output_name or DEFAULT_STEP_NAME}-step{step:08d}.safetensors"
-
-
-def step_to_remove(args, step):
-    """kohya's get_remove_step_no: the step file that --save_last_n_steps lets go."""
-    if not args.save_last_n_steps:
-        return None
-    stale = step - args.save_last_n_steps - 1
-    stale -= stale % args.save_every_n_steps
-    return stale if stale > 0 else None
+                net_kwargs, per_epoch, num_epochs, resume)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -403,9 +387,11 @@ def build_training(plan, models):
 def train(plan):
     import mindspore as ms
     from tqdm import tqdm
+    from library.training import filenames as names
     from library.training.logs import RunLog, draw_loss_curve, tensorboard_dir
     from library.training.run_metadata import at_save, run_metadata
     from library.training.samples import TrainingSampler
+    from library.training.state import load_state, remove_state, save_state
     from library.training.validation import Validation
 
     args = plan.args
@@ -422,7 +408,7 @@ def train(plan):
     metadata = run_metadata(args, plan.train_group, plan.val_group,
                             f"{built.kohya_name}({built.kohya_args})", plan.net_kwargs,
                             plan.num_epochs, len(loader), te_lr, args.unet_lr)
-    name = args.output_name or DEFAULT_LAST_NAME
+    name = args.output_name or names.DEFAULT_LAST_NAME
     log = RunLog(os.path.join(args.output_dir, f"{name}_log.jsonl"),
                  tensorboard_dir(args.logging_dir, args.log_prefix))
     log.event("start", seed=args.seed, max_train_steps=args.max_train_steps,
@@ -446,20 +432,51 @@ def train(plan):
             os.unlink(path)
             log.event("remove", path=path)
 
+    def save_training_state(folder_name, epoch):
+        path = os.path.join(args.output_dir, folder_name)
+        save_state(path, trainable, t.apply_step, {
+            "current_epoch": epoch, "current_step": global_step, "seed": args.seed,
+            "data_position": loader.state_dict(), "max_train_steps": args.max_train_steps,
+            "loss_sum": loss_sum, "loss_count": loss_count})
+        log.event("save_state", path=path, step=global_step, epoch=epoch)
+
+    def remove_training_state(folder_name):
+        path = os.path.join(args.output_dir, folder_name)
+        if remove_state(path):
+            log.event("remove", path=path)
+
+    start_epoch, global_step, loss_sum, loss_count = 1, 0, 0.0, 0
+    if plan.resume is not None:
+        # before any step graph runs: compiled functions do not see later host-side writes
+        record = load_state(args.resume, trainable, t.apply_step)
+        global_step, loss_sum, loss_count = (record["current_step"], record["loss_sum"],
+                                             record["loss_count"])
+        loader.load_state_dict(record["data_position"])
+        start_epoch = record["data_position"]["epoch"]
+        log.resume_losses(global_step)
+        log.event("resume", path=args.resume, step=global_step, epoch=start_epoch)
+        logger.info(f"resumed from {args.resume}: step {global_step}, epoch {start_epoch}, "
+                    f"batch {record['data_position']['batch']} of the epoch")
+
     logger.info(f"training: {plan.train_group.num_batches()} batches per epoch, "
                 f"{plan.num_epochs} epochs, {args.max_train_steps} optimizer steps, "
                 f"{len(trainable)} LoRA tensors in {len(groups)} groups, buckets "
                 f"{plan.train_group.bucket_shapes()}")
-    compiled, global_step, loss_sum, loss_count = {}, 0, 0.0, 0
+    compiled = {}
     accumulation = ms.Tensor(float(args.gradient_accumulation_steps), ms.float32)
-    bar = tqdm(total=args.max_train_steps, desc="steps", smoothing=0, dynamic_ncols=True)
-    epoch = 0
+    bar = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", smoothing=0,
+               dynamic_ncols=True)
+    epoch = start_epoch - 1
     try:
-        sample(0, 0)   # --sample_at_first
-        for epoch in range(1, plan.num_epochs + 1):
+        if global_step == 0:
+            sample(0, 0)   # --sample_at_first (a resumed run does not sample first, as kohya)
+        for epoch in range(start_epoch, plan.num_epochs + 1):
             network.on_epoch_start()
             micro = 0
-            for batch in loader.epoch(epoch, global_step, args.gradient_accumulation_steps):
+            # the epoch's first step number (a resumed epoch has done some of its batches)
+            done = loader.state_dict()["batch"] if loader.state_dict()["epoch"] == epoch else 0
+            first_step = global_step - done // args.gradient_accumulation_steps
+            for batch in loader.epoch(epoch, first_step, args.gradient_accumulation_steps):
                 arrays, _ = assembler(batch)
                 shape = tuple(arrays[0].shape)
                 t0 = time.time()
@@ -497,24 +514,37 @@ def train(plan):
                 sample(global_step)
                 if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 \
                         and global_step < args.max_train_steps:
-                    save(step_name(args, global_step), global_step, epoch)
-                    stale = step_to_remove(args, global_step)
+                    save(names.step_name(args, global_step), global_step, epoch)
+                    stale = names.step_to_remove(args, global_step, args.save_last_n_steps)
                     if stale:
-                        remove(step_name(args, stale))
+                        remove(names.step_name(args, stale))
+                    if args.save_state:
+                        save_training_state(names.step_state_name(args, global_step), epoch)
+                        stale = names.step_to_remove(
+                            args, global_step, args.save_last_n_steps_state or args.save_last_n_steps)
+                        if stale:
+                            remove_training_state(names.step_state_name(args, stale))
                 if global_step >= args.max_train_steps:
                     break
             validation.at_epoch(epoch, global_step, loss_sum / loss_count)
             if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 \
                     and epoch < plan.num_epochs:
-                save(epoch_name(args, epoch), global_step, epoch)
-                if args.save_last_n_epochs:
-                    stale = epoch - args.save_every_n_epochs * args.save_last_n_epochs
-                    if stale > 0:
-                        remove(epoch_name(args, stale))
+                save(names.epoch_name(args, epoch), global_step, epoch)
+                stale = names.epoch_to_remove(args, epoch, args.save_last_n_epochs)
+                if stale:
+                    remove(names.epoch_name(args, stale))
+                if args.save_state:
+                    save_training_state(names.epoch_state_name(args, epoch), epoch)
+                    stale = names.epoch_to_remove(
+                        args, epoch, args.save_last_n_epochs_state or args.save_last_n_epochs)
+                    if stale:
+                        remove_training_state(names.epoch_state_name(args, stale))
             sample(global_step, epoch)
             if global_step >= args.max_train_steps:
                 break
-        final = save(last_name(args), global_step, epoch)
+        if args.save_state or args.save_state_on_train_end:
+            save_training_state(names.last_state_name(args), epoch)
+        final = save(names.last_name(args), global_step, epoch)
     finally:
         bar.close()
         loader.close()

@@ -233,7 +233,14 @@ def build_dataset_groups(configs, seed=0, bucket_reso_multiple=32):
         split_seed = config.validation_seed if config.validation_seed is not None else seed
         train.append(_build_dataset(config, "train", split_seed))
         if config.validation_split > 0:
-            val.append(_build_dataset(config, "validation", split_seed))
+            held_out = _build_dataset(config, "validation", split_seed)
+            if held_out.records:
+                val.append(held_out)
+            else:
+                logger.warning("%s: validation_split %g holds out no image (kohya keeps round(n x "
+                               "split) per subset)", config.where, config.validation_split)
+    if any(c.validation_split > 0 for c in configs) and not val:
+        raise UserError("validation_split holds out no image in any dataset: raise it or add images")
     return DatasetGroup(train), (DatasetGroup(val) if val else None)
 
 
@@ -294,7 +301,7 @@ def _build_dataset(config, split, split_seed):
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
         records.append(ImageRecord(path, caption, subset, subset.is_reg, n, wh, choice))
-    if not any(not r.is_reg for r in records):
+    if split == "train" and not any(not r.is_reg for r in records):
         raise UserError(f"{config.where}: no training images (only regularisation images, or every image was skipped)")
     unused = sum(1 for n in reg_repeats if n == 0)
     if unused:
@@ -330,12 +337,15 @@ def balance_reg_repeats(num_train, reg_repeats):
 
 
 def _split(entries, split, fraction, seed):
-    """kohya's split_train_val with a seeded shuffle: train = first ceil(n(1-f)), val = last round(nf)."""
+    """kohya's split_train_val with a seeded shuffle: train = first ceil(n(1-f)), val = last
+    round(nf), except that validation never takes a training image. kohya's two counts can add up
+    to more than n (n=3, f=0.5: 2 + 2), and then its sets share images."""
     entries = list(entries)
     random.Random(seed).shuffle(entries)
+    n_train = math.ceil(len(entries) * (1 - fraction))
     if split == "train":
-        return entries[:math.ceil(len(entries) * (1 - fraction))]
-    return entries[len(entries) - round(len(entries) * fraction):]
+        return entries[:n_train]
+    return entries[max(n_train, len(entries) - round(len(entries) * fraction)):]
 
 
 def _dreambooth_entries(subset, sized):

@@ -265,7 +265,10 @@ def _guided_cell(unet):
         halves run in one UNet call and are combined with the per-row guidance scale."""
 
         def __init__(self, unet):
-            super().__init__()
+            # auto_prefix=False keeps the UNet's parameter names: with a prefix MindSpore would
+            # rename them (to "unet.…"), which renames the LoRA parameters of a training run
+            # that samples with the models it trains.
+            super().__init__(auto_prefix=False)
             self.unet = unet
 
         def construct(self, x, t, context, y, scale):

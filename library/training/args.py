@@ -19,6 +19,8 @@ import toml
 from library.data.cache import add_cache_arguments
 from library.data.config import add_dataset_arguments
 from library.errors import UserError
+from library.training.samples import add_sample_arguments
+from library.training.validation import add_validation_arguments
 from library.training.schedules import SCHEDULERS, int_or_float
 
 logger = logging.getLogger(__name__)
@@ -75,15 +77,6 @@ UNSUPPORTED = {
     "metadata_preprocessor": "not supported yet",
     "metadata_is_negative_embedding": "not supported yet",
     "metadata_usage_hint": "not supported yet",
-    # samples during training, validation (issue: training at scale)
-    "sample_every_n_steps": "samples during training are not supported yet",
-    "sample_every_n_epochs": "samples during training are not supported yet",
-    "sample_at_first": "samples during training are not supported yet",
-    "sample_prompts": "samples during training are not supported yet",
-    "sample_sampler": "samples during training are not supported yet",
-    "validate_every_n_steps": "validation loss is not supported yet",
-    "validate_every_n_epochs": "validation loss is not supported yet",
-    "max_validation_steps": "validation loss is not supported yet",
     # experiment trackers other than TensorBoard
     "log_tracker_name": "only TensorBoard logging (--logging_dir) is supported",
     "wandb_run_name": "only TensorBoard logging (--logging_dir) is supported",
@@ -229,6 +222,8 @@ def build_parser():
     add_cache_arguments(parser)
     _add_training_arguments(a)
     _add_network_arguments(a)
+    add_sample_arguments(parser)
+    add_validation_arguments(parser)
     for name in UNSUPPORTED:
         a(f"--{name}", action=_Unsupported)
     return parser

@@ -50,6 +50,14 @@ class RunLog:
             for key, value in scalars.items():
                 self._writer.add_scalar(key, value, step)
 
+    def epoch(self, epoch, scalars):
+        """Per-epoch scalars (kohya logs them against the epoch number, 1-based)."""
+        self._file.write(json.dumps({"epoch": epoch, **scalars}) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in scalars.items():
+                self._writer.add_scalar(key, value, epoch)
+
     def close(self):
         self._file.close()
         if self._writer is not None:

@@ -111,7 +111,9 @@ def prepare(args):
     from library.training.losses import LossOptions
     from library.training.noise import NoiseOptions
     from library.training.optim import check_optimizer_options
+    from library.training.samples import check_sample_options
     from library.training.schedules import LRScheduleOptions
+    from library.training.validation import check_validation_options
     from networks.lora import check_network_kwargs, parse_network_args
 
     _check_contradictions(args)
@@ -161,6 +163,8 @@ def prepare(args):
         raise UserError("--cache_text_encoder_outputs needs --network_train_unet_only: text "
                         "encoder LoRA training needs the encoders in the step (as kohya)")
     check_cache_options(args, [g for g in (train_group, val_group) if g is not None])
+    check_sample_options(args)
+    check_validation_options(args, val_group)
     masked = bool(args.masked_loss or args.alpha_mask or any(
         s.alpha_mask for ds in train_group.datasets for s, _, _ in ds.subset_images))
     loss_options = LossOptions(
@@ -308,6 +312,7 @@ class Training:
     loader: object
     latent_cache: object
     text_cache: object
+    validation_caches: tuple = (None, None)
 
 
 def load_models(args):
@@ -337,6 +342,7 @@ def build_training(plan, models):
     from library.training.optim import build_optimizer
     from library.training.schedules import LRSchedule
     from library.training.step import ApplyStep, GradStep, StepLayout
+    from library.training.validation import validation_caches
 
     args = plan.args
     ms.set_seed(args.seed)
@@ -345,6 +351,7 @@ def build_training(plan, models):
     latent_cache = cache_latents(plan.train_group, models, args) if args.cache_latents else None
     text_cache = cache_text_outputs(plan.train_group, models, args) \
         if args.cache_text_encoder_outputs else None
+    val_caches = validation_caches(plan.val_group, models, args)
 
     _cast_frozen(models, weight_dtype, vae_dtype)
     network = _build_network(args, models, plan.net_kwargs, lora_dtype)
@@ -384,7 +391,7 @@ def build_training(plan, models):
                          args.persistent_data_loader_workers, args.max_train_steps,
                          latent_cache=latent_cache, text_cache=text_cache)
     return Training(models, network, groups, built, schedule, grad_step, apply_step, assembler,
-                    loader, latent_cache, text_cache)
+                    loader, latent_cache, text_cache, val_caches)
 
 
 def train(plan):
@@ -395,7 +402,9 @@ def train(plan):
     from library.training.logs import RunLog, draw_loss_curve, tensorboard_dir
     from library.training.loss_scale import LossScaleWatch
     from library.training.run_metadata import at_save, run_metadata
+    from library.training.samples import TrainingSampler
     from library.training.state import load_state, remove_state, save_state
+    from library.training.validation import Validation
 
     args = plan.args
     t = build_training(plan, load_models(args))
@@ -419,6 +428,8 @@ def train(plan):
               trainable_tensors=len(trainable), groups=[g.description for g in groups])
     if plan.bucket_cap is not None:
         log.event("bucket_cap", **plan.bucket_cap.as_dict())
+    sample = TrainingSampler(args, t.models, log=log)
+    validation = Validation(plan, t, compile=not args.pynative, log=log)
     save_dtype = {None: None, "float": "float32", "fp16": "float16", "bf16": "bfloat16"}[
         args.save_precision]
 
@@ -475,6 +486,8 @@ def train(plan):
                dynamic_ncols=True)
     epoch = start_epoch - 1
     try:
+        if global_step == 0:
+            sample(0, 0)   # --sample_at_first (a resumed run does not sample first, as kohya)
         for epoch in range(start_epoch, plan.num_epochs + 1):
             network.on_epoch_start()
             micro = 0
@@ -515,10 +528,13 @@ def train(plan):
                            "grad_norm": grad_norm, "seconds_per_step": step_seconds}
                 scalars.update({f"lr/{g.description}": float(lr) for g, lr in zip(groups, lrs)})
                 scalars.update(scaling.after_apply(global_step, epoch))
+                scalars.update(validation.at_step(global_step, loss_sum / loss_count))
                 log.step(global_step, scalars)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, avr_loss=f"{loss_sum / loss_count:.4f}",
-                                lr=f"{float(lrs[0]):.2e}", s_step=f"{step_seconds:.2f}")
+                                lr=f"{float(lrs[0]):.2e}", s_step=f"{step_seconds:.2f}",
+                                **validation.postfix)
+                sample(global_step)
                 if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 \
                         and global_step < args.max_train_steps:
                     save(names.step_name(args, global_step), global_step, epoch)
@@ -533,6 +549,7 @@ def train(plan):
                             remove_training_state(names.step_state_name(args, stale))
                 if global_step >= args.max_train_steps:
                     break
+            validation.at_epoch(epoch, global_step, loss_sum / loss_count)
             if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 \
                     and epoch < plan.num_epochs:
                 save(names.epoch_name(args, epoch), global_step, epoch)
@@ -545,6 +562,7 @@ def train(plan):
                         args, epoch, args.save_last_n_epochs_state or args.save_last_n_epochs)
                     if stale:
                         remove_training_state(names.epoch_state_name(args, stale))
+            sample(global_step, epoch)
             if global_step >= args.max_train_steps:
                 break
         if args.save_state or args.save_state_on_train_end:
@@ -553,6 +571,7 @@ def train(plan):
     finally:
         bar.close()
         loader.close()
+        validation.close()
         if log.losses:
             draw_loss_curve(log.losses, os.path.join(args.output_dir, f"{name}_loss.png"),
                             title=f"{name}: loss per step")

@@ -64,9 +64,9 @@ def run_metadata(args, train_group, val_group, optimizer_name, net_kwargs, num_e
         "ss_fp8_base_unet": False,
         "ss_validation_seed": args.validation_seed,
         "ss_validation_split": args.validation_split,
-        "ss_max_validation_steps": None,
-        "ss_validate_every_n_epochs": None,
-        "ss_validate_every_n_steps": None,
+        "ss_max_validation_steps": args.max_validation_steps,
+        "ss_validate_every_n_epochs": args.validate_every_n_epochs,
+        "ss_validate_every_n_steps": args.validate_every_n_steps,
         "ss_resize_interpolation": args.resize_interpolation,
     }
     md.update(dataset_metadata(train_group, val_group, args,

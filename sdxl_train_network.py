@@ -24,8 +24,10 @@ def main(argv=None):
         return
     from library import device
     device.configure()
+    from library.training.distributed import report_failure
     from library.training.loop import prepare, train
-    train(prepare(args))
+    with report_failure():
+        train(prepare(args))
 
 
 if __name__ == "__main__":

@@ -163,7 +163,10 @@ def prepare(args):
     batches = train_group.num_batches()
     if batches == 0:
         raise UserError("the dataset has no batches: check the image folders and num_repeats")
-    per_epoch = math.ceil(batches / args.gradient_accumulation_steps)
+    from library.data.loader import batches_per_rank
+    from library.training.distributed import world
+    # under msrun each rank runs its share of the batches (kohya: len(dataloader)/num_processes)
+    per_epoch = math.ceil(batches_per_rank(batches, world().size) / args.gradient_accumulation_steps)
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * per_epoch
     num_epochs = math.ceil(args.max_train_steps / per_epoch)
@@ -345,13 +348,16 @@ def build_training(plan, models):
     from library.training.optim import build_optimizer
     from library.training.schedules import LRSchedule
     from library.training.step import ApplyStep, GradStep, StepLayout
+    from library.training import distributed
 
     args = plan.args
+    world = distributed.world()
     ms.set_seed(args.seed)
     weight_dtype, lora_dtype, vae_dtype = _weight_dtypes(args)
     # caches use the frozen models before any LoRA is added
-    latent_cache = cache_latents(plan.train_group, models, args) if args.cache_latents else None
-    text_cache = cache_text_outputs(plan.train_group, models, args) \
+    latent_cache = cache_latents(plan.train_group, models, args, world=world) \
+        if args.cache_latents else None
+    text_cache = cache_text_outputs(plan.train_group, models, args, world=world) \
         if args.cache_text_encoder_outputs else None
 
     _cast_frozen(models, weight_dtype, vae_dtype)
@@ -382,13 +388,15 @@ def build_training(plan, models):
     grad_step = GradStep(models, trainable, ForwardDiffusion(ddpm, plan.noise_options,
                                                              args.v_parameterization),
                          DiffusionLoss(plan.loss_options, ddpm), layout, weight_dtype, vae_dtype)
-    apply_step = ApplyStep(grad_step.grad_buffers, built.optimizer, args.max_grad_norm)
+    apply_step = ApplyStep(grad_step.grad_buffers, built.optimizer, args.max_grad_norm,
+                           distributed.gradient_mean(world))
     network.on_epoch_start()
     assembler = BatchAssembler(models, layout, NoiseSampler(plan.noise_options, args.seed), args,
                                load_tokenizers())
     loader = BatchLoader(plan.train_group, args.seed, args.max_data_loader_n_workers,
                          args.persistent_data_loader_workers, args.max_train_steps,
-                         latent_cache=latent_cache, text_cache=text_cache)
+                         latent_cache=latent_cache, text_cache=text_cache, rank=world.rank,
+                         world_size=world.size)
     return Training(models, network, groups, built, schedule, grad_step, apply_step, assembler,
                     loader, latent_cache, text_cache)
 
@@ -398,8 +406,10 @@ def train(plan):
     from tqdm import tqdm
     from library.training.logs import RunLog, draw_loss_curve, tensorboard_dir
     from library.training.run_metadata import at_save, run_metadata
+    from library.training import distributed
 
     args = plan.args
+    world = distributed.init()
     t = build_training(plan, load_models(args))
     network, groups, built, schedule = t.network, t.groups, t.optimizer, t.schedule
     assembler, loader = t.assembler, t.loader
@@ -414,8 +424,10 @@ def train(plan):
                             f"{built.kohya_name}({built.kohya_args})", plan.net_kwargs,
                             plan.num_epochs, len(loader), te_lr, args.unet_lr)
     name = args.output_name or DEFAULT_LAST_NAME
+    # data parallel: rank 0 writes every file; the other ranks train and log nowhere
     log = RunLog(os.path.join(args.output_dir, f"{name}_log.jsonl"),
-                 tensorboard_dir(args.logging_dir, args.log_prefix))
+                 tensorboard_dir(args.logging_dir, args.log_prefix)) if world.is_main \
+        else RunLog(os.devnull)
     log.event("start", seed=args.seed, max_train_steps=args.max_train_steps,
               num_epochs=plan.num_epochs, buckets=[list(s) for s in plan.train_group.bucket_shapes()],
               trainable_tensors=len(trainable), groups=[g.description for g in groups])
@@ -424,6 +436,9 @@ def train(plan):
 
     def save(filename, step, epoch):
         path = os.path.join(args.output_dir, filename)
+        distributed.check_replicas(world, trainable, step, log)
+        if not world.is_main:
+            return path
         network.save_weights(path, dtype=save_dtype,
                              metadata=at_save(metadata, step, epoch, args.no_metadata))
         log.event("save", path=path, step=step, epoch=epoch)
@@ -431,7 +446,7 @@ def train(plan):
 
     def remove(filename):
         path = os.path.join(args.output_dir, filename)
-        if os.path.exists(path):
+        if world.is_main and os.path.exists(path):
             os.unlink(path)
             log.event("remove", path=path)
 
@@ -441,7 +456,8 @@ def train(plan):
                 f"{plan.train_group.bucket_shapes()}")
     compiled, global_step, loss_sum, loss_count = {}, 0, 0.0, 0
     accumulation = ms.Tensor(float(args.gradient_accumulation_steps), ms.float32)
-    bar = tqdm(total=args.max_train_steps, desc="steps", smoothing=0, dynamic_ncols=True)
+    bar = tqdm(total=args.max_train_steps, desc="steps", smoothing=0, dynamic_ncols=True,
+               disable=not world.is_main)
     epoch = 0
     try:
         for epoch in range(1, plan.num_epochs + 1):
@@ -452,7 +468,7 @@ def train(plan):
                 shape = tuple(arrays[0].shape)
                 t0 = time.time()
                 loss, per_sample = grad_fn(*_to_tensors(arrays))
-                loss = float(loss.asnumpy())
+                loss = distributed.mean_scalar(world, float(loss.asnumpy()))   # over the ranks
                 if shape not in compiled and not args.pynative:
                     compiled[shape] = time.time() - t0
                     log.event("compile", graph="grad_step", shape=list(shape),
@@ -501,7 +517,7 @@ def train(plan):
     finally:
         bar.close()
         loader.close()
-        if log.losses:
+        if log.losses and world.is_main:
             draw_loss_curve(log.losses, os.path.join(args.output_dir, f"{name}_loss.png"),
                             title=f"{name}: loss per step")
         log.event("end", steps=global_step, compiled_graphs=len(compiled))

@@ -118,9 +118,12 @@ def _zero_tensor(buffer):
 class ApplyStep(nn.Cell):
     """`construct(lrs, accumulation) -> grad_norm`: update from the accumulated gradients."""
 
-    def __init__(self, grad_buffers, optimizer, max_grad_norm):
+    def __init__(self, grad_buffers, optimizer, max_grad_norm, grad_mean=None):
         super().__init__(auto_prefix=False)
         self.grad_buffers = grad_buffers
+        # data parallel: library.training.distributed.GradientMean, averaging over the ranks
+        # before clipping, so the norm and the update are the same on every rank
+        self.grad_mean = grad_mean
         self.optimizer = optimizer
         # 0 turns clipping off (kohya); the norm is still computed for the log
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else float("inf")
@@ -128,6 +131,8 @@ class ApplyStep(nn.Cell):
 
     def construct(self, lrs, accumulation):
         grads = self.hyper_map(ops.partial(_divide, accumulation), self.grad_buffers)
+        if self.grad_mean is not None:
+            grads = self.grad_mean(grads)
         grads, norm = clip_by_global_norm(grads, self.max_grad_norm)
         self.optimizer(grads, lrs)
         self.hyper_map(_zero, self.grad_buffers)

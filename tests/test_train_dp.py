@@ -27,7 +27,7 @@ from library.errors import UserError
 # --- msrun's environment ------------------------------------------------------------------------
 
 def test_world_from_env():
-    assert world_from_env({}) == World(0, 1, 0, 1)
+    assert world_from_env({}) == World(0, 1, 0)
     assert not world_from_env({}).distributed and world_from_env({}).is_main
     env = {"MS_ROLE": "MS_WORKER", "RANK_ID": "1", "RANK_SIZE": "2", "MS_WORKER_NUM": "2",
            "DEVICE_ID": "1"}
@@ -279,12 +279,42 @@ def test_msrun_two_workers_equal_one_process_accumulating(tiny_ckpt, four_captio
 
 @pytest.mark.full
 def test_msrun_failed_rank_stops_the_job(tmp_path):
-    """A rank that fails makes msrun fail, and the rank's log names it and the error."""
+    """A rank that fails makes msrun fail within a minute (the workers join the job before
+    parsing anything, so msrun's scheduler never waits for a worker that died early), and the
+    rank's log names it and the error."""
     logs = tmp_path / "logs"
     proc = msrun(2, ["sdxl_train_network.py", "--pretrained_model_name_or_path", tmp_path / "missing.safetensors",
                      "--network_module", "networks.lora", "--output_dir", tmp_path / "out",
                      "--train_data_dir", tmp_path], logs, check=False)
     assert proc.returncode != 0
     assert "Distributed job exited with exception" in proc.stdout + proc.stderr
-    worker = (logs / "worker_1.log").read_text()
-    assert "missing.safetensors: file not found" in worker and "rank 1 of 2 stopped" in worker
+    # the first rank to fail names itself and the error; msrun may kill the other one before
+    # it gets there
+    failed = [f for f in sorted(logs.glob("worker_*.log")) if "of 2 stopped" in f.read_text()]
+    assert failed, "no worker log names its rank"
+    text = failed[0].read_text()
+    assert f"rank {failed[0].stem[-1]} of 2 stopped" in text and "missing.safetensors: file not found" in text
+
+
+def test_step_counts_follow_the_world_size(tiny_ckpt, five_images, tmp_path, monkeypatch):
+    """kohya: an epoch is ceil(batches / processes / accumulation) steps, and --max_train_epochs
+    converts with it. 5 batches over 2 ranks: 3 each (the padded share)."""
+    from library.training.args import parse_args
+    from library.training.loop import prepare
+
+    def plan(*extra):
+        _, args = parse_args(["--pretrained_model_name_or_path", str(tiny_ckpt), "--train_data_dir",
+                              str(five_images), "--resolution", "64", "--network_module", "networks.lora",
+                              "--output_dir", str(tmp_path), "--seed", "1", *extra])
+        return prepare(args)
+
+    assert plan("--max_train_epochs", "2").num_update_steps_per_epoch == 5
+    monkeypatch.setenv("MS_ROLE", "MS_WORKER")
+    monkeypatch.setenv("RANK_ID", "0")
+    monkeypatch.setenv("RANK_SIZE", "2")
+    p = plan("--max_train_epochs", "2")
+    assert (p.num_update_steps_per_epoch, p.args.max_train_steps) == (3, 6)
+    p = plan("--max_train_epochs", "2", "--gradient_accumulation_steps", "2")
+    assert (p.num_update_steps_per_epoch, p.args.max_train_steps) == (2, 4)
+    p = plan("--max_train_steps", "7")
+    assert (p.num_update_steps_per_epoch, p.num_epochs) == (3, 3)

@@ -10,7 +10,8 @@ processes before clipping and the optimizer update, so all copies stay identical
     loss = distributed.mean_scalar(world, loss)                    # the logged loss, all ranks
     distributed.barrier(world)
 
-msrun starts each worker with RANK_ID, RANK_SIZE and MS_WORKER_NUM (the group size),
+msrun runs the script N + 1 times: once as its scheduler (MS_ROLE=MS_SCHED, see
+serve_if_scheduler) and once per worker. It starts each worker with RANK_ID, RANK_SIZE and MS_WORKER_NUM (the group size),
 MS_ROLE=MS_WORKER, MS_SCHED_HOST/PORT (the scheduler) and DEVICE_ID (the local device). Outside
 msrun none is set and the run is a single process; nothing here then touches MindSpore's
 communication, so a plain `python sdxl_train_network.py` behaves as before.
@@ -37,11 +38,11 @@ logger = logging.getLogger("sdxl_train_network")
 
 @dataclass(frozen=True)
 class World:
-    """This process's place: global rank and size, and rank and size within its node."""
+    """This process's place: global rank and group size, and its rank within its node (the
+    first worker of each node writes the cache files there)."""
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    local_size: int = 1
 
     @property
     def is_main(self):
@@ -68,13 +69,28 @@ def world_from_env(environ):
                         "msrun, or without any of these variables") from None
     if not 0 <= rank < size:
         raise UserError(f"msrun gave rank {rank} outside a group of {size}")
-    # msrun's DEVICE_ID is the device index within the node; the node's worker count is only
-    # known after init (get_local_rank_size), so it is filled in there
-    local = int(environ.get("DEVICE_ID", rank))
-    return World(rank, size, local, size)
+    # msrun's DEVICE_ID is the device index within the node; init() asks MindSpore instead
+    return World(rank, size, int(environ.get("DEVICE_ID", rank)))
 
 
 _world = None
+
+
+def join_msrun_job():
+    """The first thing a script started by msrun does. msrun runs the script N + 1 times: once
+    as its scheduler (MS_ROLE=MS_SCHED), whose MindSpore init() serves the workers' rendezvous
+    and does not return while the job runs (it must never train), and once per worker, which
+    joins the job at once. A worker that failed before joining (a bad option, a missing file)
+    would leave the scheduler waiting for it until msrun's --cluster_time_out (600 s); once
+    joined, a failure stops the whole job within seconds. Errors after this point name the
+    rank (report_failure)."""
+    from library import device
+    device.configure()
+    if os.environ.get("MS_ROLE") == "MS_SCHED":
+        from mindspore.communication import init as ms_init
+        ms_init()
+        raise SystemExit(0)    # the job is over if init ever returns here
+    init()
 
 
 def world():
@@ -92,11 +108,10 @@ def init():
     if not declared.distributed:
         _world = declared
         return _world
-    from mindspore.communication import get_group_size, get_local_rank, get_local_rank_size, \
-        get_rank
+    from mindspore.communication import get_group_size, get_local_rank, get_rank
     from mindspore.communication import init as ms_init
     ms_init()
-    actual = World(get_rank(), get_group_size(), get_local_rank(), get_local_rank_size())
+    actual = World(get_rank(), get_group_size(), get_local_rank())
     if (actual.rank, actual.size) != (declared.rank, declared.size):
         raise UserError(f"msrun declared rank {declared.rank} of {declared.size}, but "
                         f"communication reports rank {actual.rank} of {actual.size}")

@@ -105,9 +105,10 @@ def init():
     if _world is not None:
         return _world
     declared = world_from_env(os.environ)
-    if not declared.distributed:
+    if os.environ.get("MS_ROLE") != "MS_WORKER":
         _world = declared
         return _world
+    # under msrun even a group of one registers: msrun's scheduler waits for every worker
     from mindspore.communication import get_group_size, get_local_rank, get_rank
     from mindspore.communication import init as ms_init
     ms_init()

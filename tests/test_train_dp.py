@@ -318,3 +318,20 @@ def test_step_counts_follow_the_world_size(tiny_ckpt, five_images, tmp_path, mon
     assert (p.num_update_steps_per_epoch, p.args.max_train_steps) == (2, 4)
     p = plan("--max_train_steps", "7")
     assert (p.num_update_steps_per_epoch, p.num_epochs) == (3, 3)
+
+
+def test_rank0_int_sends_a_32_bit_seed_exactly(monkeypatch):
+    """A drawn seed reaches every rank whole (float32 alone would round it above 2**24)."""
+    from library.training import distributed
+    seed = 0xFEDCBA98
+    sent = {}
+
+    def fake_sum(world, array):         # rank 0's contribution plus rank 1's zeros
+        sent[world.rank] = array
+        return np.asarray(array, np.float32) + 0 if world.rank == 0 else sent[0]
+
+    monkeypatch.setattr(distributed, "all_reduce_sum", fake_sum)
+    assert distributed.rank0_int(World(0, 2), seed) == seed
+    assert distributed.rank0_int(World(1, 2), 12345) == seed
+    assert sent[1].tolist() == [0, 0]
+    assert distributed.rank0_int(World(), 77) == 77

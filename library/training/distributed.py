@@ -165,6 +165,16 @@ def mean_scalar(world, value):
     return float(all_reduce_sum(world, np.array([value], np.float32))[0]) / world.size
 
 
+def rank0_int(world, value):
+    """Rank 0's value of a non-negative int below 2**32 (a random seed), on every rank. Sent as
+    two 16-bit halves: a float32 holds integers exactly only up to 2**24."""
+    if not world.distributed:
+        return value
+    halves = np.array([value >> 16, value & 0xFFFF] if world.is_main else [0, 0], np.float32)
+    hi, lo = (int(x) for x in all_reduce_sum(world, halves))
+    return (hi << 16) | lo
+
+
 def barrier(world):
     """Wait until every rank gets here (a one-element AllReduce, the one collective known to
     work on both CPU and Ascend)."""

@@ -141,6 +141,8 @@ def prepare(args):
 
     if args.seed is None:
         args.seed = random.randint(0, 2 ** 32 - 1)   # kohya draws one too; it is logged and saved
+        from library.training import distributed
+        args.seed = distributed.rank0_int(distributed.world(), args.seed)   # msrun: one seed for all
     train_group, val_group = build_dataset_groups(resolve_dataset_configs(args), seed=args.seed)
     if args.cache_text_encoder_outputs_to_disk:
         args.cache_text_encoder_outputs = True

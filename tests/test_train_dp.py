@@ -3,8 +3,9 @@ caches' exchange).
 
 The default suite checks the pieces in-process: msrun's environment, the batch sharding, and the
 cache exchange with two ranks simulated by threads. The acceptance test (marked `full`, run by
-`make test-full`: about 4-6 minutes here, two msrun workers compiling on 2 cores) trains with
-msrun and 2 CPU workers and compares with one process accumulating the same two batches.
+`make test-full`: 8.5 minutes here, plus 50 s for the failure test; two msrun workers compile on
+2 cores) trains with msrun and 2 CPU workers and compares with one process accumulating the same
+two batches.
 """
 
 import json

@@ -20,7 +20,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-# Adds the full-size SDXL tests (about 10 GiB of RAM, minutes on CPU).
+# Adds the heavy tests: full-size SDXL (about 10 GiB of RAM) and msrun with 2 CPU workers; minutes on CPU.
 test-full: $(STAMP)
 	$(PY) -m pytest -q -m "full or not full" tests
 

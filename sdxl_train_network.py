@@ -7,25 +7,36 @@
 See README.md for the options, and `--help`.
 """
 
+import contextlib
 import logging
+import os
 import sys
 
 from library.errors import exit_on_user_error
 
 
 def main(argv=None):
-    from library.training.args import parse_args, write_config_file
-    parser, args = parse_args(argv)
-    logging.basicConfig(level=args.console_log_level or "INFO", filename=args.console_log_file,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-                        if not args.console_log_simple else "%(message)s")
-    if args.output_config:
-        print(f"wrote {write_config_file(parser, args)}")
-        return
     from library import device
-    device.configure()
-    from library.training.loop import prepare, train
-    train(prepare(args))
+    under_msrun = bool(os.environ.get("MS_ROLE"))
+    failures = contextlib.nullcontext()
+    if under_msrun:
+        # join the job before anything can fail; later errors name the rank
+        from library.training.distributed import join_msrun_job, report_failure
+        join_msrun_job()
+        failures = report_failure()
+    with failures:
+        from library.training.args import parse_args, write_config_file
+        parser, args = parse_args(argv)
+        logging.basicConfig(level=args.console_log_level or "INFO", filename=args.console_log_file,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+                            if not args.console_log_simple else "%(message)s")
+        if args.output_config:
+            print(f"wrote {write_config_file(parser, args)}")
+            return
+        if not under_msrun:
+            device.configure()
+        from library.training.loop import prepare, train
+        train(prepare(args))
 
 
 if __name__ == "__main__":

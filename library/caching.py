@@ -4,6 +4,9 @@ the trainer makes before training (the cache logic itself is plain numpy, librar
     check_cache_options(args, [train, val])                 # kohya's rules; errors name the keys
     latents = cache_latents(train, models, args)            # LatentCache: .get(record, flipped)
     texts = cache_text_outputs(train, models, args)         # TextCache: .get(record) -> (context, pooled)
+
+Under msrun pass world=distributed.init(): each rank encodes its share of the entries and all
+ranks end with the whole cache (library/data/cache.py, "Data parallel").
 """
 
 import hashlib
@@ -60,19 +63,37 @@ def text_encoder_fn(text_encoder1, text_encoder2, max_token_length=None, weighte
     return encode
 
 
-def cache_latents(group, models, args, progress=True):
+class RankShare:
+    """The data-parallel ranks as library/data/cache.py's `share` sees them."""
+
+    def __init__(self, world):
+        self.world = world
+        self.rank, self.size, self.local_rank = world.rank, world.size, world.local_rank
+
+    def all_reduce_sum(self, array):
+        from library.training.distributed import all_reduce_sum
+        return all_reduce_sum(self.world, array)
+
+
+def _share(world):
+    return RankShare(world) if world is not None and world.distributed else None
+
+
+def cache_latents(group, models, args, progress=True, world=None):
     """A LatentCache for `group` (call check_cache_options first). In RAM with --cache_latents,
-    in npz files beside the images with --cache_latents_to_disk."""
+    in npz files beside the images with --cache_latents_to_disk. world: the data-parallel
+    World (library.training.distributed), None for one process."""
     return build_latent_cache(group, latent_encoder(models.vae), model_identity(models.vae),
                               to_disk=bool(args.cache_latents_to_disk), batch_size=getattr(args, "vae_batch_size", 1),
-                              skip_cache_check=bool(getattr(args, "skip_cache_check", False)), progress=progress)
+                              skip_cache_check=bool(getattr(args, "skip_cache_check", False)), progress=progress,
+                              share=_share(world))
 
 
-def cache_text_outputs(group, models, args, progress=True):
+def cache_text_outputs(group, models, args, progress=True, world=None):
     """A TextCache for `group` (call check_cache_options first)."""
     mtl = getattr(args, "max_token_length", None)
     weighted = bool(getattr(args, "weighted_captions", False))
     return build_text_cache(group, text_encoder_fn(models.text_encoder1, models.text_encoder2, mtl, weighted),
                             model_identity(models.text_encoder1, models.text_encoder2), max_token_length=mtl,
                             weighted=weighted, to_disk=bool(args.cache_text_encoder_outputs_to_disk),
-                            progress=progress)
+                            progress=progress, share=_share(world))

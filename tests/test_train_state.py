@@ -114,10 +114,12 @@ def test_resume_checks_the_folder_and_the_options(tmp_path):
         S.read_progress(tmp_path / "torch")
     args = SimpleNamespace(seed=4, max_train_steps=40)
     with pytest.raises(UserError, match="--seed 3"):
-        S.check_compatible(PROGRESS, "f", args)
+        S.check_compatible(PROGRESS, "f", args, 1)
     with pytest.raises(UserError, match="past --max_train_steps 10"):
-        S.check_compatible(PROGRESS, "f", SimpleNamespace(seed=3, max_train_steps=10))
-    S.check_compatible(PROGRESS, "f", SimpleNamespace(seed=3, max_train_steps=40))
+        S.check_compatible(PROGRESS, "f", SimpleNamespace(seed=3, max_train_steps=10), 1)
+    with pytest.raises(UserError, match="2 process"):
+        S.check_compatible({**PROGRESS, "world_size": 2}, "f", args, 1)
+    S.check_compatible(PROGRESS, "f", SimpleNamespace(seed=3, max_train_steps=40), 1)
 
 
 def test_kohya_names_and_what_keeping_the_last_n_removes():

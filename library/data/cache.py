@@ -18,6 +18,15 @@ arrays and compared on every read. So a changed input is a miss, never a stale h
 by side. Files are written whole to a temporary name and renamed, so a half-written file is
 never read; a file that cannot be read is reported with a warning and recomputed.
 
+Data parallel (msrun): every rank builds the same list of entries to compute, in the same
+order, and the encode batches are dealt round-robin: rank r encodes batches r, r + N, ... Each
+batch's arrays then reach every rank through an AllReduce(sum) to which the other ranks add
+zeros (exact: x + 0 = x), so each rank ends with the whole cache, as a single process would,
+having encoded 1/N of it. This works in memory and across nodes with no shared disk. With
+*_to_disk, an entry counts as cached only if it is valid on every rank, and the first worker of
+each node writes the files (the same bytes, atomically, if nodes share the folder); the ranks
+then wait for each other before reading.
+
 Disk files sit beside the images, with kohya's names:
 
     <image stem>_<WWWW>x<HHHH>_sdxl.npz     latents; W x H is the image's size (kohya's scheme)
@@ -258,6 +267,56 @@ def _valid(entry, key_json, kinds):
     return entry is not None and entry.key == key_json and all(entry.has(k) for k in kinds)
 
 
+# ---------------------------------------------------------------------------------- data parallel
+class SingleProcess:
+    """The `share` of a run on one process. A data-parallel run passes an object with the same
+    attributes (rank, size, local_rank) and all_reduce_sum(float32 array) -> the sum over ranks
+    (library.caching.RankShare)."""
+    rank, size, local_rank = 0, 1, 0
+
+    @staticmethod
+    def all_reduce_sum(array):
+        return np.asarray(array, np.float32)
+
+
+_MAX_DIMS = 8
+
+
+def _exchange(share, owner, arrays, count):
+    """Rank `owner`'s `count` float32 arrays, on every rank (`arrays` is ignored elsewhere):
+    each array's shape, then its values, through an AllReduce(sum) where the others add zeros."""
+    if share.size == 1:
+        return [np.asarray(a, np.float32) for a in arrays]
+    mine = share.rank == owner
+    out = []
+    for i in range(count):
+        header = np.zeros(_MAX_DIMS + 1, np.float32)
+        if mine:
+            a = np.ascontiguousarray(arrays[i], np.float32)
+            header[0], header[1:1 + a.ndim] = a.ndim, a.shape
+        header = share.all_reduce_sum(header)
+        shape = tuple(int(d) for d in header[1:1 + int(header[0])])
+        out.append(share.all_reduce_sum(a if mine else np.zeros(shape, np.float32)).reshape(shape))
+    return out
+
+
+def _agree_on_hits(share, todo, hit_ids):
+    """Drop from `todo` the entries valid on disk on every rank; returns how many were dropped.
+    All ranks then compute the same list (a node with a stale file recomputes for everyone)."""
+    misses = np.array([0.0 if eid in hit_ids else 1.0 for eid in todo], np.float32)
+    if share.size > 1 and len(misses):
+        misses = share.all_reduce_sum(misses)
+    hits = [eid for eid, m in zip(list(todo), misses) if m == 0]
+    for eid in hits:
+        del todo[eid]
+    return len(hits)
+
+
+def _barrier(share):
+    if share.size > 1:
+        share.all_reduce_sum(np.zeros(1, np.float32))
+
+
 # ---------------------------------------------------------------------------------- latents
 class LatentCache:
     """Latents for every record of a dataset group: `get(record, flipped)` -> float32
@@ -328,8 +387,25 @@ def _load_for_latent(record, config):
     return img
 
 
+def _encode_latent_batch(batch, encode, cache):
+    """[latents (B, C, h, w), flipped latents with flip_aug, alpha masks (B, H, W) with
+    alpha_mask] for one encode batch of (entry id, (record, config, path, key json))."""
+    imgs = [_load_for_latent(item[0], item[1]) for _, item in batch]
+    rgb = np.stack([im[..., :3] for im in imgs])
+    seeds = [int(eid, 16) for eid, _ in batch]
+    out = [np.asarray(encode(rgb, seeds), dtype=np.float32)]
+    cache.encoded_images += len(batch)
+    subset = batch[0][1][0].subset
+    if subset.flip_aug:
+        out.append(np.asarray(encode(np.ascontiguousarray(rgb[:, :, ::-1]), [s ^ 1 for s in seeds]), np.float32))
+        cache.encoded_images += len(batch)
+    if subset.alpha_mask:
+        out.append(np.stack([im[..., 3].astype(np.float32) / 255.0 for im in imgs]))
+    return out
+
+
 def build_latent_cache(group, encode, model_id, to_disk=False, batch_size=1, skip_cache_check=False,
-                       progress=True, cache=None):
+                       progress=True, cache=None, share=None):
     """Fill a LatentCache for every record of `group` (a DatasetGroup).
 
     encode(images, seeds) -> float32 (B, C, h, w): `images` uint8 (B, H, W, 3) of one bucket,
@@ -338,8 +414,11 @@ def build_latent_cache(group, encode, model_id, to_disk=False, batch_size=1, ski
     model_id: a string identifying the VAE weights (library.caching.model_identity).
     Images are encoded in batches of at most `batch_size` that share a bucket, flip_aug and
     alpha_mask, sorted by bucket area (kohya's order), behind a tqdm progress bar.
+    share: the data-parallel ranks (see the module docstring); SingleProcess() by default.
     """
     cache = cache or LatentCache(to_disk)
+    share = share or SingleProcess()
+    hit_ids = set()
     todo = OrderedDict()                 # entry id -> (record, config, path, key)
     wanted = {}                          # path -> set of entry ids this run uses
     files = {}                           # path -> read_cache_file result
@@ -361,9 +440,10 @@ def build_latent_cache(group, encode, model_id, to_disk=False, batch_size=1, ski
             kinds = ["latents"] + (["latents_flipped"] if record.subset.flip_aug else []) + \
                     (["alpha_mask"] if record.subset.alpha_mask else [])
             if _valid((files[path] or {}).get(eid), key_json, kinds):
-                cache.hits += 1
-                continue
+                hit_ids.add(eid)
         todo[eid] = (record, config, path, key_json)
+    if to_disk:
+        cache.hits += _agree_on_hits(share, todo, hit_ids)
 
     # kohya: sort by bucket area, batch images that share (bucket, flip_aug, alpha_mask)
     order = sorted(todo.items(), key=lambda kv: (kv[1][0].bucket.bucket_wh[0] * kv[1][0].bucket.bucket_wh[1],
@@ -381,33 +461,38 @@ def build_latent_cache(group, encode, model_id, to_disk=False, batch_size=1, ski
     if current:
         batches.append(current)
 
-    bar = tqdm(total=len(todo), desc="caching latents", unit="img", disable=not progress or not todo)
-    for batch in batches:
-        imgs = [_load_for_latent(item[0], item[1]) for _, item in batch]
-        rgb = np.stack([im[..., :3] for im in imgs])
-        seeds = [int(eid, 16) for eid, _ in batch]
-        latents = np.asarray(encode(rgb, seeds), dtype=np.float32)
-        cache.encoded_images += len(batch)
-        flipped = None
-        if batch[0][1][0].subset.flip_aug:
-            flipped = np.asarray(encode(np.ascontiguousarray(rgb[:, :, ::-1]), [s ^ 1 for s in seeds]), np.float32)
-            cache.encoded_images += len(batch)
-        by_file = {}
-        for i, (eid, (record, config, path, key_json)) in enumerate(batch):
-            entry = {"key": key_json, "latents": latents[i]}
-            if flipped is not None:
-                entry["latents_flipped"] = flipped[i]
-            if record.subset.alpha_mask:
-                entry["alpha_mask"] = imgs[i][..., 3].astype(np.float32) / 255.0
-            if to_disk:
-                by_file.setdefault(path, {})[eid] = entry
-            else:
-                cache._memory[eid] = entry
-            cache.computed += 1
-        for path, new in by_file.items():
-            _update_file(path, new, wanted[path])
-        bar.update(len(batch))
+    bar = tqdm(total=len(todo), desc="caching latents", unit="img",
+               disable=not progress or not todo or share.rank != 0)
+    for start in range(0, len(batches), share.size):
+        rnd = batches[start:start + share.size]
+        own = rnd[share.rank] if share.rank < len(rnd) else None
+        payload = _encode_latent_batch(own, encode, cache) if own is not None else None
+        for owner, batch in enumerate(rnd):
+            first = batch[0][1][0]
+            count = 1 + bool(first.subset.flip_aug) + bool(first.subset.alpha_mask)
+            arrays = iter(_exchange(share, owner, payload, count))
+            latents = next(arrays)
+            flipped = next(arrays) if first.subset.flip_aug else None
+            masks = next(arrays) if first.subset.alpha_mask else None
+            by_file = {}
+            for i, (eid, (record, config, path, key_json)) in enumerate(batch):
+                entry = {"key": key_json, "latents": latents[i]}
+                if flipped is not None:
+                    entry["latents_flipped"] = flipped[i]
+                if masks is not None:
+                    entry["alpha_mask"] = masks[i]
+                if to_disk:
+                    by_file.setdefault(path, {})[eid] = entry
+                else:
+                    cache._memory[eid] = entry
+                cache.computed += 1
+            if share.local_rank == 0:     # one writer per node
+                for path, new in by_file.items():
+                    _update_file(path, new, wanted[path])
+            bar.update(len(batch))
     bar.close()
+    if to_disk:
+        _barrier(share)      # every file is written before any rank reads it
     logger.info("latent cache: %d entries, %d from disk, %d computed%s", len(set(e for _, e, _ in cache._index.values())),
                 cache.hits, cache.computed, f", {cache.corrupt} unreadable files recomputed" if cache.corrupt else "")
     return cache
@@ -448,15 +533,16 @@ class TextCache:
 
 
 def build_text_cache(group, encode, model_id, max_token_length=None, weighted=False, to_disk=False,
-                     batch_size=None, progress=True, cache=None):
+                     batch_size=None, progress=True, cache=None, share=None):
     """Fill a TextCache for every record of `group`.
 
     encode(captions) -> (context float32 (B, L, C), pooled float32 (B, P)); model_id identifies
     the two text encoders. A caption shared by several images (class tokens) is encoded once.
     Captions are encoded in batches of `batch_size` (default: the largest dataset batch_size,
-    as kohya uses the dataset's).
+    as kohya uses the dataset's). share: the data-parallel ranks (see the module docstring).
     """
     cache = cache or TextCache(to_disk)
+    share = share or SingleProcess()
     batch_size = batch_size or max(ds.config.batch_size for ds in group.datasets)
     pending = OrderedDict()           # key json -> [(path, entry id, record path)]
     wanted, files = {}, {}
@@ -472,36 +558,45 @@ def build_text_cache(group, encode, model_id, max_token_length=None, weighted=Fa
                 files[path] = read_cache_file(path)
                 if files[path] is None:
                     cache.corrupt += 1
-            if _valid((files[path] or {}).get(eid), key_json, ("context", "pooled")):
-                cache.hits += 1
-                continue
+            valid = _valid((files[path] or {}).get(eid), key_json, ("context", "pooled"))
+            cache.hits += valid
         elif eid in cache._memory:
             continue
+        # a caption stays pending with the files that lack it; with none, it is a hit
         targets = pending.setdefault(key_json, (caption, eid, []))[2]
-        if (path, eid) not in targets:
+        if not (to_disk and valid) and (path, eid) not in targets:
             targets.append((path, eid))
+    if to_disk:
+        _agree_on_hits(share, pending, {k for k, (_, _, targets) in pending.items() if not targets})
 
     items = list(pending.items())
+    chunks = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
     bar = tqdm(total=len(items), desc="caching text-encoder outputs", unit="caption",
-               disable=not progress or not items)
-    for start in range(0, len(items), batch_size):
-        chunk = items[start:start + batch_size]
-        context, pooled = encode([caption for _, (caption, _, _) in chunk])
-        context, pooled = np.asarray(context, np.float32), np.asarray(pooled, np.float32)
-        cache.encoded_captions += len(chunk)
-        by_file = {}
-        for i, (key_json, (_, eid, targets)) in enumerate(chunk):
-            if not to_disk:
-                cache._memory[eid] = (context[i], pooled[i])
-                cache.computed += 1
-                continue
-            for path, _ in targets:
-                by_file.setdefault(path, {})[eid] = {"key": key_json, "context": context[i], "pooled": pooled[i]}
-                cache.computed += 1
-        for path, new in by_file.items():
-            _update_file(path, new, wanted[path])
-        bar.update(len(chunk))
+               disable=not progress or not items or share.rank != 0)
+    for start in range(0, len(chunks), share.size):
+        rnd = chunks[start:start + share.size]
+        payload = None
+        if share.rank < len(rnd):
+            payload = encode([caption for _, (caption, _, _) in rnd[share.rank]])
+            cache.encoded_captions += len(rnd[share.rank])
+        for owner, chunk in enumerate(rnd):
+            context, pooled = _exchange(share, owner, payload, 2)
+            by_file = {}
+            for i, (key_json, (_, eid, targets)) in enumerate(chunk):
+                if not to_disk:
+                    cache._memory[eid] = (context[i], pooled[i])
+                    cache.computed += 1
+                    continue
+                for path, _ in targets:
+                    by_file.setdefault(path, {})[eid] = {"key": key_json, "context": context[i], "pooled": pooled[i]}
+                    cache.computed += 1
+            if share.local_rank == 0:     # one writer per node
+                for path, new in by_file.items():
+                    _update_file(path, new, wanted[path])
+            bar.update(len(chunk))
     bar.close()
+    if to_disk:
+        _barrier(share)      # every file is written before any rank reads it
     logger.info("text-encoder output cache: %d entries, %d from disk, %d computed (%d captions encoded)%s",
                 len(cache), cache.hits, cache.computed, cache.encoded_captions,
                 f", {cache.corrupt} unreadable files recomputed" if cache.corrupt else "")

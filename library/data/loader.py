@@ -7,6 +7,10 @@
         ...
         saved = loader.state_dict()              # {"seed", "epoch", "batch"}: the next batch to yield
 
+Data parallel (msrun): with `rank` and `world_size`, a loader yields only its rank's share of
+each epoch's global batch list (see `shard_positions`); a sample's randomness and its batch's
+noise key follow the batch's global position, so a batch is the same on whichever rank runs it.
+
 Workers are spawned processes (not forked: the trainer's process holds MindSpore threads) that
 return numpy arrays only. Because every sample's randomness comes from its own seeded RNG, the
 batches are identical with 0, 1 or N workers.
@@ -29,6 +33,26 @@ def _load_batch(task, latent_cache=None):
             for slot, rec in enumerate(records)]
 
 
+def batches_per_rank(num_batches, world_size):
+    """How many batches each rank runs per epoch: the global count padded to a multiple of the
+    world size (see shard_positions)."""
+    return -(-num_batches // world_size)
+
+
+def shard_positions(num_batches, rank, world_size, start=0):
+    """The global positions of `rank`'s batches in an epoch of `num_batches` batches, from the
+    round that begins at position `start` (a multiple of world_size).
+
+    Position p goes to rank p % world_size (accelerate's round-robin sharding of batches). When
+    the count does not divide, the list is padded to a multiple of the world size by repeating
+    the epoch's first batches (accelerate's even_batches, which kohya runs with): position p
+    stands for batch p % num_batches. So every rank takes the same number of steps, and a run
+    on one process is the plain list.
+    """
+    total = batches_per_rank(num_batches, world_size) * world_size
+    return list(range(start + rank, total, world_size))
+
+
 class BatchLoader:
     """Iterates a DatasetGroup's batches epoch by epoch.
 
@@ -39,10 +63,11 @@ class BatchLoader:
     latent_cache: a library.data.cache.LatentCache; samples then carry `latents` instead of an
     image and are made in this process (nothing to decode, so no workers are used).
     text_cache: a TextCache; samples then also carry `text_context` (L, C) and `text_pooled` (P).
+    rank, world_size: this process's share of the batches under data parallelism.
     """
 
     def __init__(self, group, seed, num_workers=0, persistent=False, max_train_steps=0, prefetch_per_worker=2,
-                 latent_cache=None, text_cache=None):
+                 latent_cache=None, text_cache=None, rank=0, world_size=1):
         if num_workers < 0:
             raise UserError(f"--max_data_loader_n_workers {num_workers} must be 0 or more")
         self.group = group
@@ -52,16 +77,20 @@ class BatchLoader:
         self.max_train_steps = max_train_steps
         self.latent_cache = latent_cache
         self.text_cache = text_cache
+        self.rank, self.world_size = rank, world_size
         self.prefetch = max(1, self.num_workers * prefetch_per_worker)
         self._pool = None
         self._resume = None        # (epoch, batch) set by load_state_dict
         self._position = {"seed": seed, "epoch": 1, "batch": 0}
 
     def __len__(self):
-        return self.group.num_batches()
+        """Batches this rank runs per epoch."""
+        return batches_per_rank(self.group.num_batches(), self.world_size)
 
     def state_dict(self):
-        """The position of the next batch: {"seed", "epoch", "batch"} (plain ints, JSON-safe)."""
+        """The position of the next batch: {"seed", "epoch", "batch"} (plain ints, JSON-safe).
+        Under data parallelism "batch" is the global position where the next round of batches
+        (one per rank) starts, the same on every rank."""
         return dict(self._position)
 
     def load_state_dict(self, state):
@@ -74,11 +103,11 @@ class BatchLoader:
 
     def _tasks(self, epoch, start, first_step, batches_per_step):
         batches = self.group.epoch_batches(self.seed, epoch)
-        for index in range(start, len(batches)):
-            di, record_indices = batches[index]
+        for index in shard_positions(len(batches), self.rank, self.world_size, start):
+            di, record_indices = batches[index % len(batches)]
             ds = self.group.datasets[di]
             records = [ds.records[i] for i in record_indices]
-            step = first_step + index // batches_per_step
+            step = first_step + (index // self.world_size) // batches_per_step
             yield index, (records, ds.config, self.seed, epoch, index, step, self.max_train_steps)
 
     def epoch(self, epoch, first_step=0, batches_per_step=1):
@@ -102,7 +131,8 @@ class BatchLoader:
                     if self.text_cache is not None:
                         sample["text_context"], sample["text_pooled"] = self.text_cache.get_caption(
                             sample["path"], sample["caption"])
-                self._position = {"seed": self.seed, "epoch": epoch, "batch": index + 1}
+                self._position = {"seed": self.seed, "epoch": epoch,
+                                  "batch": index - self.rank + self.world_size}
                 yield batch
             self._position = {"seed": self.seed, "epoch": epoch + 1, "batch": 0}
         finally:

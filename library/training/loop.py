@@ -150,6 +150,8 @@ def prepare(args):
             args.seed = resume["seed"]      # the resumed run's data order and noise need it
     if args.seed is None:
         args.seed = random.randint(0, 2 ** 32 - 1)   # kohya draws one too; it is logged and saved
+        from library.training import distributed
+        args.seed = distributed.rank0_int(distributed.world(), args.seed)   # msrun: one seed for all
     train_group, val_group = build_dataset_groups(resolve_dataset_configs(args), seed=args.seed)
     bucket_cap = None
     if args.max_bucket_count is not None:
@@ -178,7 +180,10 @@ def prepare(args):
     batches = train_group.num_batches()
     if batches == 0:
         raise UserError("the dataset has no batches: check the image folders and num_repeats")
-    per_epoch = math.ceil(batches / args.gradient_accumulation_steps)
+    from library.data.loader import batches_per_rank
+    from library.training.distributed import world
+    # under msrun each rank runs its share of the batches (kohya: len(dataloader)/num_processes)
+    per_epoch = math.ceil(batches_per_rank(batches, world().size) / args.gradient_accumulation_steps)
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * per_epoch
     num_epochs = math.ceil(args.max_train_steps / per_epoch)
@@ -186,7 +191,7 @@ def prepare(args):
         args.save_every_n_epochs = math.floor(num_epochs / args.save_n_epoch_ratio) or 1
     if resume is not None:
         from library.training.state import check_compatible
-        check_compatible(resume, args.resume, args)
+        check_compatible(resume, args.resume, args, world().size)
     return Plan(args, train_group, val_group, noise_options, loss_options, schedule_options,
                 net_kwargs, per_epoch, num_epochs, resume, bucket_cap)
 
@@ -343,13 +348,16 @@ def build_training(plan, models):
     from library.training.schedules import LRSchedule
     from library.training.step import ApplyStep, GradStep, StepLayout
     from library.training.validation import validation_caches
+    from library.training import distributed
 
     args = plan.args
+    world = distributed.world()
     ms.set_seed(args.seed)
     weight_dtype, lora_dtype, vae_dtype = _weight_dtypes(args)
     # caches use the frozen models before any LoRA is added
-    latent_cache = cache_latents(plan.train_group, models, args) if args.cache_latents else None
-    text_cache = cache_text_outputs(plan.train_group, models, args) \
+    latent_cache = cache_latents(plan.train_group, models, args, world=world) \
+        if args.cache_latents else None
+    text_cache = cache_text_outputs(plan.train_group, models, args, world=world) \
         if args.cache_text_encoder_outputs else None
     val_caches = validation_caches(plan.val_group, models, args)
 
@@ -383,13 +391,15 @@ def build_training(plan, models):
                                                              args.v_parameterization),
                          DiffusionLoss(plan.loss_options, ddpm), layout, weight_dtype, vae_dtype,
                          None if scaler is None else scaler.scale)
-    apply_step = ApplyStep(grad_step.grad_buffers, built.optimizer, args.max_grad_norm, scaler)
+    apply_step = ApplyStep(grad_step.grad_buffers, built.optimizer, args.max_grad_norm, scaler,
+                           distributed.gradient_mean(world))
     network.on_epoch_start()
     assembler = BatchAssembler(models, layout, NoiseSampler(plan.noise_options, args.seed), args,
                                load_tokenizers())
     loader = BatchLoader(plan.train_group, args.seed, args.max_data_loader_n_workers,
                          args.persistent_data_loader_workers, args.max_train_steps,
-                         latent_cache=latent_cache, text_cache=text_cache)
+                         latent_cache=latent_cache, text_cache=text_cache, rank=world.rank,
+                         world_size=world.size)
     return Training(models, network, groups, built, schedule, grad_step, apply_step, assembler,
                     loader, latent_cache, text_cache, val_caches)
 
@@ -402,11 +412,13 @@ def train(plan):
     from library.training.logs import RunLog, draw_loss_curve, tensorboard_dir
     from library.training.loss_scale import LossScaleWatch
     from library.training.run_metadata import at_save, run_metadata
+    from library.training import distributed
     from library.training.samples import TrainingSampler
     from library.training.state import load_state, remove_state, save_state
     from library.training.validation import Validation
 
     args = plan.args
+    world = distributed.init()
     t = build_training(plan, load_models(args))
     network, groups, built, schedule = t.network, t.groups, t.optimizer, t.schedule
     assembler, loader = t.assembler, t.loader
@@ -421,20 +433,25 @@ def train(plan):
                             f"{built.kohya_name}({built.kohya_args})", plan.net_kwargs,
                             plan.num_epochs, len(loader), te_lr, args.unet_lr)
     name = args.output_name or names.DEFAULT_LAST_NAME
+    # data parallel: rank 0 writes every file; the other ranks train and log nowhere
     log = RunLog(os.path.join(args.output_dir, f"{name}_log.jsonl"),
-                 tensorboard_dir(args.logging_dir, args.log_prefix))
+                 tensorboard_dir(args.logging_dir, args.log_prefix)) if world.is_main \
+        else RunLog(os.devnull)
     log.event("start", seed=args.seed, max_train_steps=args.max_train_steps,
               num_epochs=plan.num_epochs, buckets=[list(s) for s in plan.train_group.bucket_shapes()],
               trainable_tensors=len(trainable), groups=[g.description for g in groups])
     if plan.bucket_cap is not None:
         log.event("bucket_cap", **plan.bucket_cap.as_dict())
-    sample = TrainingSampler(args, t.models, log=log)
+    sample = TrainingSampler(args, t.models, log=log, writer=world.is_main)
     validation = Validation(plan, t, compile=not args.pynative, log=log)
     save_dtype = {None: None, "float": "float32", "fp16": "float16", "bf16": "bfloat16"}[
         args.save_precision]
 
     def save(filename, step, epoch):
         path = os.path.join(args.output_dir, filename)
+        distributed.check_replicas(world, trainable, step, log)
+        if not world.is_main:
+            return path
         network.save_weights(path, dtype=save_dtype,
                              metadata=at_save(metadata, step, epoch, args.no_metadata))
         log.event("save", path=path, step=step, epoch=epoch)
@@ -442,21 +459,23 @@ def train(plan):
 
     def remove(filename):
         path = os.path.join(args.output_dir, filename)
-        if os.path.exists(path):
+        if world.is_main and os.path.exists(path):
             os.unlink(path)
             log.event("remove", path=path)
 
     def save_training_state(folder_name, epoch):
+        if not world.is_main:   # the ranks' weights were compared by the save just before
+            return
         path = os.path.join(args.output_dir, folder_name)
         save_state(path, trainable, t.apply_step, {
             "current_epoch": epoch, "current_step": global_step, "seed": args.seed,
             "data_position": loader.state_dict(), "max_train_steps": args.max_train_steps,
-            "loss_sum": loss_sum, "loss_count": loss_count})
+            "loss_sum": loss_sum, "loss_count": loss_count, "world_size": world.size})
         log.event("save_state", path=path, step=global_step, epoch=epoch)
 
     def remove_training_state(folder_name):
         path = os.path.join(args.output_dir, folder_name)
-        if remove_state(path):
+        if world.is_main and remove_state(path):
             log.event("remove", path=path)
 
     start_epoch, global_step, loss_sum, loss_count = 1, 0, 0.0, 0
@@ -483,7 +502,7 @@ def train(plan):
     if args.compile_all_buckets_first:
         compiled = compile_run_ahead(plan, t, grad_fn, apply_fn, accumulation, log)
     bar = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", smoothing=0,
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not world.is_main)
     epoch = start_epoch - 1
     try:
         if global_step == 0:
@@ -492,14 +511,15 @@ def train(plan):
             network.on_epoch_start()
             micro = 0
             # the epoch's first step number (a resumed epoch has done some of its batches)
-            done = loader.state_dict()["batch"] if loader.state_dict()["epoch"] == epoch else 0
+            position = loader.state_dict()
+            done = position["batch"] // world.size if position["epoch"] == epoch else 0
             first_step = global_step - done // args.gradient_accumulation_steps
             for batch in loader.epoch(epoch, first_step, args.gradient_accumulation_steps):
                 arrays, _ = assembler(batch)
                 shape = tuple(arrays[0].shape)
                 t0 = time.time()
                 loss, per_sample = grad_fn(*_to_tensors(arrays))
-                loss = float(loss.asnumpy())
+                loss = distributed.mean_scalar(world, float(loss.asnumpy()))   # over the ranks
                 if shape not in compiled and not args.pynative:
                     compiled[shape] = time.time() - t0
                     log.event("compile", graph="grad_step", shape=list(shape),
@@ -572,7 +592,7 @@ def train(plan):
         bar.close()
         loader.close()
         validation.close()
-        if log.losses:
+        if log.losses and world.is_main:
             draw_loss_curve(log.losses, os.path.join(args.output_dir, f"{name}_loss.png"),
                             title=f"{name}: loss per step")
         if plan.bucket_cap is not None:

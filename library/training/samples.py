@@ -270,11 +270,13 @@ def eval_mode(*cells):
 class TrainingSampler:
     """Makes and writes the samples that are due; holds one Pipeline for the whole run."""
 
-    def __init__(self, args, models, log=None):
+    def __init__(self, args, models, log=None, writer=True):
         self.args = args
         self.models = models
         self.log = log          # a RunLog: one "sample" event per sampling
-        self.prompts = load_sample_prompts(args.sample_prompts) if args.sample_prompts else []
+        # under msrun only rank 0 (the writer) samples; the others have nothing to do
+        self.prompts = load_sample_prompts(args.sample_prompts) \
+            if args.sample_prompts and writer else []
         self.folder = os.path.join(args.output_dir, SAMPLE_DIR)
         self.pipe = None
         self.written = []

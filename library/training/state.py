@@ -123,8 +123,13 @@ def read_progress(folder):
     return record
 
 
-def check_compatible(record, folder, args):
+def check_compatible(record, folder, args, world_size):
     """Options that must not change between the saved run and the resumed one."""
+    saved_world = record.get("world_size", 1)
+    if saved_world != world_size:
+        raise UserError(f"--resume {folder}: the state was saved by a run on {saved_world} "
+                        f"process(es), this one has {world_size}; the data position is only "
+                        "valid for the same msrun --worker_num")
     if record["seed"] != args.seed:
         raise UserError(f"--resume {folder}: the state was saved by a run with --seed "
                         f"{record['seed']}, this run has {args.seed}; resume with the same seed")

@@ -131,9 +131,13 @@ def _zero_tensor(buffer):
 class ApplyStep(nn.Cell):
     """`construct(lrs, accumulation) -> grad_norm`: update from the accumulated gradients."""
 
-    def __init__(self, grad_buffers, optimizer, max_grad_norm, loss_scaler=None):
+    def __init__(self, grad_buffers, optimizer, max_grad_norm, loss_scaler=None,
+                 grad_mean=None):
         super().__init__(auto_prefix=False)
         self.grad_buffers = grad_buffers
+        # data parallel: library.training.distributed.GradientMean, averaging over the ranks
+        # before clipping, so the norm and the update are the same on every rank
+        self.grad_mean = grad_mean
         self.optimizer = optimizer
         self.scaled = loss_scaler is not None
         self.loss_scaler = loss_scaler      # a child Cell: its Parameters are saved with the state
@@ -143,6 +147,8 @@ class ApplyStep(nn.Cell):
 
     def construct(self, lrs, accumulation):
         grads = self.hyper_map(ops.partial(_divide, accumulation), self.grad_buffers)
+        if self.grad_mean is not None:
+            grads = self.grad_mean(grads)
         if self.scaled:
             return self._scaled_update(grads, lrs)
         grads, norm = clip_by_global_norm(grads, self.max_grad_norm)

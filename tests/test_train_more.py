@@ -72,6 +72,9 @@ class Recorder:
         self.cell, self.record, self.calls = cell, record, []
         self.trainable = getattr(cell, "trainable", None)
 
+    def __getattr__(self, name):          # anything else the loop reads comes from the Cell
+        return getattr(self.cell, name)
+
     def __call__(self, *inputs):
         before = self.record("before")
         out = self.cell(*inputs)

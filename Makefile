@@ -17,8 +17,10 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: $(STAMP)
 	$(PY) tools/demo.py --out demo_out
 
+# Two pytest workers, a test file each at a time (module fixtures stay shared): graph compiles
+# are mostly single-threaded, so two run side by side on the two cores.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # Adds the heavy tests: full-size SDXL (about 10 GiB of RAM) and msrun with 2 CPU workers; minutes on CPU.
 test-full: $(STAMP)

@@ -137,7 +137,8 @@ def _memorise_args(ckpt, data, out):
             "--train_data_dir", data, "--resolution", "64", "--output_name", "mem",
             "--network_dim", "8", "--max_train_steps", "40", "--learning_rate", "3e-3",
             "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs",
-            "--save_every_n_steps", "15"]
+            "--save_every_n_steps", "15", "--save_last_n_steps", "10",
+            "--save_every_n_epochs", "1", "--save_last_n_epochs", "2"]
 
 
 def _lora_tensors(path):
@@ -155,7 +156,11 @@ def test_memorisation_loss_falls_and_a_killed_run_resumes_to_the_same_file(tiny_
     assert len(losses) == 40
     # random timesteps make single losses noisy (about +-0.1); the last ten are clearly lower
     assert losses[-10:].mean() < 0.95 * losses[:10].mean(), losses
-    assert (tmp_path / "a" / "mem-step00000015.safetensors").is_file()   # kohya's step name
+    # kohya's names; keeping the last 10 steps drops step 15 at step 30, keeping the last two
+    # epoch saves drops epoch 1 at epoch 3, and the last epoch (4) has the final file only
+    saved = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert saved == ["mem-000002.safetensors", "mem-000003.safetensors",
+                     "mem-step00000030.safetensors", "mem.safetensors"]
 
     out = tmp_path / "b"
     state = out / "mem-step00000015-state"             # kohya's state folder name
@@ -182,9 +187,10 @@ def test_memorisation_loss_falls_and_a_killed_run_resumes_to_the_same_file(tiny_
         out / "mem.safetensors")
     assert first.keys() == resumed.keys()
     assert all(np.array_equal(first[k], resumed[k]) for k in first)
-    # the step-30 save and state of the resumed run, the final state, the log's whole curve
-    assert (out / "mem-step00000030.safetensors").is_file()
-    assert (out / "mem-step00000030-state" / "train_state.json").is_file()
+    # the resumed run saves and lets go of files and states as the uninterrupted one
+    assert sorted(p.name for p in out.glob("*.safetensors")) == saved
+    assert sorted(p.name for p in out.glob("*-state")) == [
+        "mem-000002-state", "mem-000003-state", "mem-state", "mem-step00000030-state"]
     assert json.loads((out / "mem-state" / "train_state.json").read_text())["current_step"] == 40
     steps, events = read_log(out / "mem_log.jsonl")
     resume = next(e for e in events if e["event"] == "resume")

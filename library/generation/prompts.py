@@ -108,16 +108,22 @@ def parse_prompt_line(raw, where="prompt"):
     return line
 
 
+def read_utf8(path, what):
+    """The text of a UTF-8 file; a UserError naming `what` (e.g. "prompt file") and the path if
+    it cannot be read or decoded."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def read_prompt_file(path):
     """The PromptLines of a prompt file. As kohya: UTF-8, one prompt per line; blank lines and
     lines whose first character is '#' are skipped (an indented '#' is a prompt)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise UserError(f"cannot read prompt file {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"prompt file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_utf8(path, "prompt file")
     return [parse_prompt_line(line, f"{path}:{number}")
             for number, line in enumerate(text.splitlines(), 1)
             if line.strip() and line[0] != "#"]

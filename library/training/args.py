@@ -62,7 +62,7 @@ UNSUPPORTED = {
     "scale_weight_norms": "not supported yet",
     "base_weights": "not supported yet; merge LoRAs into the model with tools/merge_lora.py",
     "base_weights_multiplier": "not supported yet; merge LoRAs with tools/merge_lora.py",
-    # saving / hub / state (issue: training at scale)
+    # hub upload and metadata extras
     "huggingface_repo_id": "uploading to the Hugging Face hub is not supported",
     "huggingface_repo_type": "uploading to the Hugging Face hub is not supported",
     "huggingface_path_in_repo": "uploading to the Hugging Face hub is not supported",

@@ -478,6 +478,19 @@ def train(plan):
         if world.is_main and remove_state(path):
             log.event("remove", path=path)
 
+    def save_due(number, epoch, file_name, state_name, to_remove, keep, keep_state):
+        """A step or epoch save (`number`: the step or the epoch), its state folder with
+        --save_state, and the older ones --save_last_n_* (_state) let go, as kohya."""
+        save(file_name(args, number), global_step, epoch)
+        stale = to_remove(args, number, keep)
+        if stale:
+            remove(file_name(args, stale))
+        if args.save_state:
+            save_training_state(state_name(args, number), epoch)
+            stale = to_remove(args, number, keep_state or keep)
+            if stale:
+                remove_training_state(state_name(args, stale))
+
     start_epoch, global_step, loss_sum, loss_count = 1, 0, 0.0, 0
     if plan.resume is not None:
         # before any step graph runs: compiled functions do not see later host-side writes
@@ -557,31 +570,17 @@ def train(plan):
                 sample(global_step)
                 if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 \
                         and global_step < args.max_train_steps:
-                    save(names.step_name(args, global_step), global_step, epoch)
-                    stale = names.step_to_remove(args, global_step, args.save_last_n_steps)
-                    if stale:
-                        remove(names.step_name(args, stale))
-                    if args.save_state:
-                        save_training_state(names.step_state_name(args, global_step), epoch)
-                        stale = names.step_to_remove(
-                            args, global_step, args.save_last_n_steps_state or args.save_last_n_steps)
-                        if stale:
-                            remove_training_state(names.step_state_name(args, stale))
+                    save_due(global_step, epoch, names.step_name, names.step_state_name,
+                             names.step_to_remove, args.save_last_n_steps,
+                             args.save_last_n_steps_state)
                 if global_step >= args.max_train_steps:
                     break
             validation.at_epoch(epoch, global_step, loss_sum / loss_count)
             if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 \
                     and epoch < plan.num_epochs:
-                save(names.epoch_name(args, epoch), global_step, epoch)
-                stale = names.epoch_to_remove(args, epoch, args.save_last_n_epochs)
-                if stale:
-                    remove(names.epoch_name(args, stale))
-                if args.save_state:
-                    save_training_state(names.epoch_state_name(args, epoch), epoch)
-                    stale = names.epoch_to_remove(
-                        args, epoch, args.save_last_n_epochs_state or args.save_last_n_epochs)
-                    if stale:
-                        remove_training_state(names.epoch_state_name(args, stale))
+                save_due(epoch, epoch, names.epoch_name, names.epoch_state_name,
+                         names.epoch_to_remove, args.save_last_n_epochs,
+                         args.save_last_n_epochs_state)
             sample(global_step, epoch)
             if global_step >= args.max_train_steps:
                 break

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from library.errors import UserError
+from library.generation.prompts import read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +152,7 @@ def load_sample_prompts(path):
     lower = path.lower()
     if not lower.endswith((".txt", ".toml", ".json")):
         raise UserError(f"--sample_prompts {path}: use a .txt, .toml or .json file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError as e:
-        raise UserError(f"--sample_prompts {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"--sample_prompts {path} is not UTF-8 text ({e.reason})") from None
+    text = read_utf8(path, "--sample_prompts file")
     items = []      # (entry dict or line, where)
     if lower.endswith(".txt"):
         items = [(line, f"{path}:{n}") for n, line in enumerate(text.splitlines(), 1)

@@ -27,7 +27,7 @@ class FakeApplyStep(nn.Cell):
             Parameter(Tensor(np.full(p.shape, moment_value, np.float32)), name=f"exp_avg.{p.name}")
             for p in trainable)
         self.step_count = Parameter(Tensor(7, ms.int32), name="optimizer.step")
-        self.buffers = ParameterTuple(
+        self.grad_buffers = ParameterTuple(
             Parameter(Tensor(np.ones(p.shape, np.float32)), name=f"grad_buffer.{p.name}")
             for p in trainable)
         if with_extra:
@@ -61,7 +61,7 @@ def test_round_trip_restores_every_parameter_and_the_progress(tmp_path):
     for a, b in zip(saved.moments, fresh.moments):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
     assert int(fresh.step_count.asnumpy()) == 7
-    np.testing.assert_array_equal(fresh.buffers[0].asnumpy(), 1.0)   # buffers are not state
+    np.testing.assert_array_equal(fresh.grad_buffers[0].asnumpy(), 1.0)   # buffers are not state
     assert record["loss_sum"] == 0.1 + 0.2 and record["data_position"]["batch"] == 5
     assert record["current_step"] == 15 and record["current_epoch"] == 2
 

@@ -8,7 +8,6 @@ processes before clipping and the optimizer update, so all copies stay identical
     world = distributed.init()       # communication up (mccl on CPU, hccl on Ascend)
     ApplyStep(..., grad_mean=distributed.gradient_mean(world))   # None for one process
     loss = distributed.mean_scalar(world, loss)                    # the logged loss, all ranks
-    distributed.barrier(world)
 
 msrun runs the script N + 1 times: once as its scheduler (MS_ROLE=MS_SCHED, see
 serve_if_scheduler) and once per worker. It starts each worker with RANK_ID, RANK_SIZE and MS_WORKER_NUM (the group size),
@@ -173,13 +172,6 @@ def rank0_int(world, value):
     halves = np.array([value >> 16, value & 0xFFFF] if world.is_main else [0, 0], np.float32)
     hi, lo = (int(x) for x in all_reduce_sum(world, halves))
     return (hi << 16) | lo
-
-
-def barrier(world):
-    """Wait until every rank gets here (a one-element AllReduce, the one collective known to
-    work on both CPU and Ascend)."""
-    if world.distributed:
-        all_reduce_sum(world, np.zeros(1, np.float32))
 
 
 def fingerprint(params):

@@ -114,8 +114,11 @@ def prepare(args):
     from library.training.samples import check_sample_options
     from library.training.schedules import LRScheduleOptions
     from library.training.validation import check_validation_options
+    from library.data.loader import batches_per_rank
+    from library.training import distributed
     from networks.lora import check_network_kwargs, parse_network_args
 
+    world = distributed.world()     # msrun's ranks (one process without msrun)
     _check_contradictions(args)
     _check_model_path(args.pretrained_model_name_or_path)
     if args.vae and not os.path.exists(args.vae):
@@ -150,8 +153,7 @@ def prepare(args):
             args.seed = resume["seed"]      # the resumed run's data order and noise need it
     if args.seed is None:
         args.seed = random.randint(0, 2 ** 32 - 1)   # kohya draws one too; it is logged and saved
-        from library.training import distributed
-        args.seed = distributed.rank0_int(distributed.world(), args.seed)   # msrun: one seed for all
+        args.seed = distributed.rank0_int(world, args.seed)   # msrun: rank 0's seed for all
     train_group, val_group = build_dataset_groups(resolve_dataset_configs(args), seed=args.seed)
     bucket_cap = None
     if args.max_bucket_count is not None:
@@ -180,10 +182,8 @@ def prepare(args):
     batches = train_group.num_batches()
     if batches == 0:
         raise UserError("the dataset has no batches: check the image folders and num_repeats")
-    from library.data.loader import batches_per_rank
-    from library.training.distributed import world
     # under msrun each rank runs its share of the batches (kohya: len(dataloader)/num_processes)
-    per_epoch = math.ceil(batches_per_rank(batches, world().size) / args.gradient_accumulation_steps)
+    per_epoch = math.ceil(batches_per_rank(batches, world.size) / args.gradient_accumulation_steps)
     if args.max_train_epochs:
         args.max_train_steps = args.max_train_epochs * per_epoch
     num_epochs = math.ceil(args.max_train_steps / per_epoch)
@@ -191,7 +191,7 @@ def prepare(args):
         args.save_every_n_epochs = math.floor(num_epochs / args.save_n_epoch_ratio) or 1
     if resume is not None:
         from library.training.state import check_compatible
-        check_compatible(resume, args.resume, args, world().size)
+        check_compatible(resume, args.resume, args, world.size)
     return Plan(args, train_group, val_group, noise_options, loss_options, schedule_options,
                 net_kwargs, per_epoch, num_epochs, resume, bucket_cap)
 

@@ -44,11 +44,8 @@ logger = logging.getLogger(__name__)
 def state_parameters(trainable, apply_step):
     """(network params, optimizer-side params), each name -> Parameter, as saved and restored."""
     network = {p.name: p for p in trainable}
-    optimizer = {}
-    for p in apply_step.get_parameters():
-        if p.name in network or p.name.startswith("grad_buffer."):
-            continue
-        optimizer[p.name] = p
+    skip = set(network) | {p.name for p in apply_step.grad_buffers}
+    optimizer = {p.name: p for p in apply_step.get_parameters() if p.name not in skip}
     return network, optimizer
 
 

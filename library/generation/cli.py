@@ -6,7 +6,6 @@ before the model is loaded or an output folder is made; images are written atomi
 """
 
 import glob
-import io
 import logging
 import os
 import random
@@ -17,7 +16,7 @@ from library.errors import UserError
 from library.generation import prompts as prompt_lib
 from library.generation import samplers
 from library.generation.pipeline import (GenerationOptions, ImageRequest, Pipeline, check_size,
-                                         png_info)
+                                         write_png)
 
 logger = logging.getLogger("sdxl_gen_img")
 
@@ -207,16 +206,7 @@ class ImageWriter:
         stem, n = os.path.splitext(path)[0], 1
         while os.path.exists(path) and not self.args.use_original_file_name:
             path, n = f"{stem}_{n}.png", n + 1     # never overwrite an earlier image of this run
-        buf = io.BytesIO()
-        result.image.save(buf, format="PNG", pnginfo=png_info(result.metadata))
-        tmp = os.path.join(self.args.outdir, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(buf.getvalue())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        write_png(path, result)
         self.written.append(path)
         logger.info("saved %s", path)
 

@@ -253,6 +253,17 @@ def png_info(metadata):
     return info
 
 
+def write_png(path, result):
+    """Write a GeneratedImage as a PNG with its text metadata, atomically (a temp file, then a
+    rename), so a killed run never leaves a cut-off image under the final name."""
+    import io
+    from library.safetensors_io import write_atomically
+    buf = io.BytesIO()
+    result.image.save(buf, format="PNG", pnginfo=png_info(result.metadata))
+    write_atomically(path, [buf.getvalue()])
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # The compiled step
 

@@ -30,7 +30,6 @@ restored afterwards. One Pipeline is kept for the run, so each image size compil
 once and later samplings reuse it.
 """
 
-import io
 import json
 import logging
 import os
@@ -326,14 +325,9 @@ class TrainingSampler:
 
 
 def _write_png(folder, name, result):
-    from library.generation.pipeline import png_info
-    from library.safetensors_io import write_atomically
+    from library.generation.pipeline import write_png
     os.makedirs(folder, exist_ok=True)
-    buf = io.BytesIO()
-    result.image.save(buf, format="PNG", pnginfo=png_info(result.metadata))
-    path = os.path.join(folder, name)
-    write_atomically(path, [buf.getvalue()])
-    return path
+    return write_png(os.path.join(folder, name), result)
 
 
 def add_sample_arguments(parser):

@@ -28,10 +28,9 @@ Timings are kept in `pipe.stats`: graph compile time, and seconds per image with
 """
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional
 
 import numpy as np
 

@@ -6,7 +6,6 @@ names the single-file checkpoint uses under `first_stage_model.`.
 caller's job, as in kohya.
 """
 
-import mindspore as ms
 from mindspore import nn, ops
 
 from library import layers

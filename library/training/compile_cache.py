@@ -23,8 +23,9 @@ So this module makes it safe by construction:
 - the cache is on only around the run's fixed-order compile of its step graphs before step 1
   (samples, validation and resumes compile with it off), once per process;
 - a folder is used only when a finished marker says its entries were all written (a run killed
-  mid-compile leaves none), under a file lock, so two runs with the same key do not write it at
-  the same time (the second waits, then loads).
+  mid-compile leaves entries without one, which the next run removes), under a file lock per
+  rank, so two runs with the same key do not write it at the same time (the second waits, then
+  loads).
 """
 
 import contextlib
@@ -117,6 +118,8 @@ class CompileCache:
         self.key = key
         self.entries = os.path.join(folder, f"rank_{_rank()}", "graph_cache")
         self.finished_marker = os.path.join(folder, f"finished_rank_{_rank()}.json")
+        # per rank: msrun's ranks write their own entries and must not wait for each other
+        self.lock = os.path.join(folder, f".lock_rank_{_rank()}")
 
     @classmethod
     def open(cls, args, key_material):
@@ -152,7 +155,7 @@ class CompileCache:
         keeps another run with the same key out until the entries are complete."""
         global _used_in_process
         import mindspore as ms
-        with open(os.path.join(self.folder, ".lock"), "w") as lock:
+        with open(self.lock, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             finished = os.path.exists(self.finished_marker)
             if not finished and os.path.isdir(self.entries):

@@ -115,3 +115,35 @@ def test_signatures_keep_open_axes_and_order():
     b = Tensor(shape=[2], dtype=ms.float32)
     assert signature_of([a, b]) == [[[-1, 4, -1, -1], "Float32"], [[2], "Float32"]]
     assert signature_of([b, a]) != signature_of([a, b])
+
+
+WINDOW = textwrap.dedent('''
+    import argparse, json, os, sys
+    from library.training.compile_cache import CompileCache
+    root = sys.argv[1]
+    args = argparse.Namespace(no_compile_cache=False, compile_cache_dir=root)
+    cache = CompileCache.open(args, {"graphs": "toy"})
+    os.makedirs(cache.entries, exist_ok=True)
+    stale = os.path.join(cache.entries, "compile_cache_0.mindir")
+    open(stale, "w").write("half written by a killed run")
+    with cache.window() as window:
+        removed = not os.path.exists(stale)
+        window.before_graph()
+        window.after_graph()
+    again = CompileCache.open(args, {"graphs": "toy"})     # a second run in the same process
+    print(json.dumps(dict(removed=removed, finished=os.path.exists(cache.finished_marker),
+                          hits=window.hits, count=window.count, again=again is None,
+                          folders=os.listdir(root))))
+''')
+
+
+def test_entries_without_the_finished_marker_are_removed_and_a_process_opens_one_cache(tmp_path):
+    from conftest import ROOT, _tool_env
+    script = tmp_path / "window.py"
+    script.write_text(WINDOW)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "root")], cwd=ROOT,
+                          capture_output=True, text=True, env=_tool_env(None), check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["removed"] and out["finished"] and out["count"] == 1 and out["hits"] == 0
+    assert out["again"]                   # MindSpore fixes the folder per process: no second one
+    assert len(out["folders"]) == 1       # one folder per key

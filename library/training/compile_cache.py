@@ -140,9 +140,12 @@ class CompileCache:
         folder = os.path.join(root, key)
         try:
             os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, "key.json.tmp"), "w") as f:
+            # what the folder's hash is of, for a reader; per-process temp name: two runs with
+            # the same key may write it at once
+            tmp = os.path.join(folder, f".key.json.{os.getpid()}.tmp")
+            with open(tmp, "w") as f:
                 json.dump(material, f, indent=1, sort_keys=True)
-            os.replace(os.path.join(folder, "key.json.tmp"), os.path.join(folder, "key.json"))
+            os.replace(tmp, os.path.join(folder, "key.json"))
         except OSError as e:
             logger.warning(f"compile cache off: cannot write {folder} ({e.strerror}); set "
                            "--compile_cache_dir to a writable folder or pass --no_compile_cache")
@@ -170,9 +173,10 @@ class CompileCache:
             finally:
                 ms.set_context(enable_compile_cache=False)
             if not finished:
-                with open(self.finished_marker + ".tmp", "w") as f:
+                tmp = f"{self.finished_marker}.{os.getpid()}.tmp"
+                with open(tmp, "w") as f:
                     json.dump({"graphs": window.count}, f)
-                os.replace(self.finished_marker + ".tmp", self.finished_marker)
+                os.replace(tmp, self.finished_marker)
 
 
 class _Window:

@@ -2,17 +2,19 @@
 graph, and a repeated run with the compile cache, as a table.
 
     python bench/compile_step.py [--presets tiny,medium] [--buckets 1,3,6] [--steps 3]
-                                 [--modes static,dynamic,cached]
+                                 [--modes ab,cached]
 
 Each case runs in its own process and builds the real run in-process from the trainer's own
 arguments (`--network_dim 8 --network_train_unet_only --cache_latents
 --cache_text_encoder_outputs`, AdamW, float32, batch 1) on a dataset with one image per bucket
-shape, then makes its step graphs with the trainer's own `step_graphs`:
-- `static`: `--static_shapes --compile_all_buckets_first --no_compile_cache` (a grad graph per
-  bucket, then the apply graph, all before step 1);
-- `dynamic`: `--no_compile_cache` (one grad graph for every shape, and the apply graph);
-- `cached`: the dynamic run twice with a fresh `--compile_cache_dir`; the row is the second run,
-  whose graphs come from the cache.
+shape, and makes its step graphs with the trainer's own `step_graphs`:
+- `ab`: two runs side by side in one process (the same seed, so the same initial LoRA), one with
+  `--static_shapes --compile_all_buckets_first` (a grad graph per bucket, then the apply graph),
+  one with the default dynamic step (one grad graph, the apply graph), both `--no_compile_cache`;
+  then their steps interleaved, shape by shape, so both see the same machine load (these cores
+  are shared: only a ratio within one process means much);
+- `cached`: the dynamic run twice with a fresh `--compile_cache_dir`; the first run fills the
+  cache, the second loads its graphs from it.
 "compile" is the seconds spent compiling the step graphs before step 1; "to first step" adds
 building the compile inputs and the first step. s/step is, per bucket shape, the median of
 --steps steps after that shape's first step (the tiny checkpoint; `medium` is
@@ -82,13 +84,10 @@ class _NoLog:
         pass
 
 
-def run_case(preset, buckets, mode, ckpt, steps, cache_dir):
+def _graphs(preset, buckets, ckpt, extra):
+    """(inputs, step function, CompileRecord, seconds to the end of the first step)."""
     import mindspore as ms
-    from library import device
     from library.training.compile import representative_inputs, step_graphs
-    device.configure()
-    extra = {"static": ["--static_shapes", "--compile_all_buckets_first", "--no_compile_cache"],
-             "dynamic": ["--no_compile_cache"], "cached": ["--compile_cache_dir", cache_dir]}[mode]
     with tempfile.TemporaryDirectory(prefix="compile_bench_") as workdir:
         plan, t = _build(preset, buckets, ckpt, workdir, extra)
         inputs = representative_inputs(
@@ -106,17 +105,40 @@ def run_case(preset, buckets, mode, ckpt, steps, cache_dir):
         return time.perf_counter() - t0
 
     step(inputs[0])
-    to_first_step = time.perf_counter() - start
-    per_shape = []
-    for x in inputs:
-        step(x)         # this shape's first step (the dynamic graph sizes its buffers)
-        per_shape.append(statistics.median(step(x) for _ in range(steps)))
-    print(json.dumps(dict(preset=preset, buckets=len(inputs), mode=mode, graphs=record.graphs,
-                          hits=record.hits, compile=record.seconds, to_first_step=to_first_step,
-                          per_shape=per_shape)), flush=True)
+    return inputs, step, record, time.perf_counter() - start
+
+
+def run_case(preset, buckets, mode, ckpt, steps, cache_dir):
+    from library import device
+    device.configure()
+    if mode == "cached":
+        inputs, step, record, first = _graphs(preset, buckets, ckpt,
+                                              ["--compile_cache_dir", cache_dir])
+        rows = {"cached": (record, first, [statistics.median(step(x) for _ in range(steps))
+                                           for x in inputs])}
+    else:
+        runs = {"static": _graphs(preset, buckets, ckpt, ["--static_shapes",
+                                                          "--compile_all_buckets_first",
+                                                          "--no_compile_cache"]),
+                "dynamic": _graphs(preset, buckets, ckpt, ["--no_compile_cache"])}
+        times = {name: [[] for _ in range(buckets)] for name in runs}
+        for name, (inputs, step, _, _) in runs.items():
+            for x in inputs:
+                step(x)     # each shape's first step
+        for _ in range(steps):
+            for i in range(buckets):
+                for name, (inputs, step, _, _) in runs.items():
+                    times[name][i].append(step(inputs[i]))
+        rows = {name: (record, first, [statistics.median(t) for t in times[name]])
+                for name, (_, _, record, first) in runs.items()}
+    for name, (record, first, per_shape) in rows.items():
+        print(json.dumps(dict(preset=preset, buckets=buckets, mode=name, graphs=record.graphs,
+                              hits=record.hits, compile=record.seconds, to_first_step=first,
+                              per_shape=per_shape)), flush=True)
 
 
 def _case(args, ckpt, preset, buckets, mode, cache_dir=""):
+    """The rows (dicts) a case process prints."""
     proc = subprocess.run([sys.executable, __file__, "--case", f"{preset},{buckets},{mode}",
                            "--ckpt", ckpt, "--steps", str(args.steps), "--cache-dir", cache_dir],
                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
@@ -124,15 +146,16 @@ def _case(args, ckpt, preset, buckets, mode, cache_dir=""):
     if proc.returncode or not lines:
         sys.exit(f"case {preset} {buckets} {mode} failed:\n{proc.stdout[-3000:]}\n"
                  f"{proc.stderr[-3000:]}")
-    print(lines[-1], file=sys.stderr, flush=True)
-    return json.loads(lines[-1])
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+    return [json.loads(x) for x in lines]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--presets", default="tiny,medium")
     parser.add_argument("--buckets", default="1,3,6")
-    parser.add_argument("--modes", default="static,dynamic,cached")
+    parser.add_argument("--modes", default="ab,cached")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per bucket shape")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -154,12 +177,12 @@ def main():
                 for mode in args.modes.split(","):
                     if mode == "cached":
                         cache = os.path.join(tmp, f"cache-{preset}-{buckets}")
-                        cold = _case(args, ckpt, preset, buckets, mode, cache)
-                        row["cold"] = cold
-                        row[mode] = _case(args, ckpt, preset, buckets, mode, cache)
+                        row["cold"] = _case(args, ckpt, preset, buckets, mode, cache)[0]
+                        row["cached"] = _case(args, ckpt, preset, buckets, mode, cache)[0]
                         shutil.rmtree(cache)
                     else:
-                        row[mode] = _case(args, ckpt, preset, buckets, mode)
+                        row.update({r["mode"]: r for r in _case(args, ckpt, preset, buckets,
+                                                                  mode)})
                 rows.append((preset, buckets, row))
     print("| preset | buckets | mode | graphs (cache hits) | compile (s) | to first step (s) "
           "| s/step per bucket shape |")

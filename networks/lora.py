@@ -956,7 +956,23 @@ def load_lora_file(path, unet_config=None):
     sd = {k: np.asarray(st.get(k)) for k in st.keys()}
     if not sd:
         raise UserError(f"{path} holds no tensors: it is not a LoRA")
+    refuse_non_finite(path, sd)
     return convert_to_kohya_keys(sd, st.metadata, unet_config), st.metadata
+
+
+def refuse_non_finite(path, tensors=None):
+    """A LoRA with NaN or infinite weights (saved by a diverged run) gives black images or a NaN
+    loss at once: refuse it, naming the first bad tensor. `tensors`: {key: array}, else read."""
+    if tensors is None:
+        from library.models.checkpoint import refuse_pickle
+        refuse_pickle(path)
+        st = SafetensorsFile(path)
+        tensors = {k: np.asarray(st.get(k)) for k in st.keys()}
+    for key in sorted(tensors):
+        value = tensors[key]
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise UserError(f"{path}: tensor {key} holds NaN or infinite values, so this LoRA "
+                            "cannot be used (it was saved by a run whose weights diverged)")
 
 
 # --- key styles ---

@@ -145,6 +145,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def run():
+        from library.arg_checks import MERGE_RANGES, check_numbers
+        check_numbers(args, MERGE_RANGES)
         return merge(args)
 
     return exit_on_user_error(run)

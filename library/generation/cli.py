@@ -45,6 +45,8 @@ def check_args(args):
     """Option-level checks that need no model."""
     if not args.ckpt:
         raise UserError("--ckpt is required: an SDXL .safetensors file, a diffusers folder or a hub id")
+    from library.arg_checks import GENERATOR_RANGES, check_numbers
+    check_numbers(args, GENERATOR_RANGES)
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 are exclusive")
     for name in ("steps", "images_per_prompt", "n_iter", "batch_size", "highres_fix_steps"):
@@ -66,6 +68,8 @@ def check_args(args):
     for path in args.network_weights or []:
         if not os.path.isfile(path):
             raise UserError(f"LoRA file not found: {path} (--network_weights)")
+        from networks.lora import refuse_non_finite
+        refuse_non_finite(path)     # before the model load, not after
     if args.vae and not os.path.exists(args.vae):
         raise UserError(f"--vae: not found: {args.vae}")
     if args.image_path and not os.path.exists(args.image_path):

@@ -259,7 +259,10 @@ def _check_config_value(action, key, value, path):
     if not ok:
         raise UserError(f"{path}: `{key} = {value!r}` should be {expected}")
     if action.type is int_or_float:
-        return int_or_float(value)
+        try:
+            return int_or_float(value)
+        except UserError as e:
+            raise UserError(f"{path}: `{key} = {value!r}`: {e}") from None
     return value
 
 
@@ -308,4 +311,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.config_file and not args.output_config:
         args = apply_config_file(parser, args, argv)
+    from library.arg_checks import TRAINER_RANGES, check_numbers
+    check_numbers(args, TRAINER_RANGES)
     return parser, args

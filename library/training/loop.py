@@ -39,6 +39,10 @@ def _check_output_dir(path):
         os.unlink(probe)
     except OSError as e:
         raise UserError(f"--output_dir {path} is not writable: {e.strerror}") from None
+    from library.training.samples import SAMPLE_DIR
+    from library.training.saving import remove_stale_temp
+    for folder in (path, os.path.join(path, SAMPLE_DIR)):
+        remove_stale_temp(folder)
 
 
 def _check_model_path(value):
@@ -125,6 +129,9 @@ def prepare(args):
         raise UserError(f"--vae {args.vae}: file not found")
     if args.network_weights and not os.path.isfile(args.network_weights):
         raise UserError(f"--network_weights {args.network_weights}: file not found")
+    if args.network_weights:
+        from networks.lora import refuse_non_finite
+        refuse_non_finite(args.network_weights)    # before the model load, not after
     _check_output_dir(args.output_dir)
 
     check_optimizer_options(args.optimizer_type, args.optimizer_args,
@@ -405,6 +412,13 @@ def build_training(plan, models):
 
 
 def train(plan):
+    """Ctrl-C or SIGTERM stop the run after the current step, with an -interrupted save."""
+    from library.training.interrupts import StopRequests
+    with StopRequests() as stop:
+        return _train(plan, stop)
+
+
+def _train(plan, stop):
     import mindspore as ms
     from tqdm import tqdm
     from library.training import filenames as names
@@ -413,7 +427,9 @@ def train(plan):
     from library.training.loss_scale import LossScaleWatch
     from library.training.run_metadata import at_save, run_metadata
     from library.training import distributed
+    from library.training.interrupts import Interrupted
     from library.training.samples import TrainingSampler
+    from library.training.saving import SaveGroup
     from library.training.state import load_state, remove_state, save_state
     from library.training.validation import Validation
 
@@ -446,16 +462,21 @@ def train(plan):
     validation = Validation(plan, t, compile=not args.pynative, log=log)
     save_dtype = {None: None, "float": "float32", "fp16": "float16", "bf16": "bfloat16"}[
         args.save_precision]
+    if world.is_main:
+        _warn_if_disk_short(args, plan, trainable, t.apply_step, save_dtype, sample.prompts)
 
-    def save(filename, step, epoch):
+    # Each save below is attempted in a SaveGroup (library.training.saving): a full disk fails
+    # it with one message, and the other saves of that step are still tried before the stop.
+    def save(filename, step, epoch, saves):
         path = os.path.join(args.output_dir, filename)
         distributed.check_replicas(world, trainable, step, log)
         if not world.is_main:
             return path
-        network.save_weights(path, dtype=save_dtype,
-                             metadata=at_save(metadata, step, epoch, args.no_metadata))
-        log.event("save", path=path, step=step, epoch=epoch)
-        return path
+        if saves.attempt(path, lambda: network.save_weights(
+                path, dtype=save_dtype, metadata=at_save(metadata, step, epoch, args.no_metadata))):
+            log.event("save", path=path, step=step, epoch=epoch)
+            return path
+        return None
 
     def remove(filename):
         path = os.path.join(args.output_dir, filename)
@@ -463,15 +484,17 @@ def train(plan):
             os.unlink(path)
             log.event("remove", path=path)
 
-    def save_training_state(folder_name, epoch):
-        if not world.is_main:   # the ranks' weights were compared by the save just before
-            return
+    def save_training_state(folder_name, epoch, saves):
         path = os.path.join(args.output_dir, folder_name)
-        save_state(path, trainable, t.apply_step, {
-            "current_epoch": epoch, "current_step": global_step, "seed": args.seed,
-            "data_position": loader.state_dict(), "max_train_steps": args.max_train_steps,
-            "loss_sum": loss_sum, "loss_count": loss_count, "world_size": world.size})
-        log.event("save_state", path=path, step=global_step, epoch=epoch)
+        if not world.is_main:   # the ranks' weights were compared by the save just before
+            return path
+        if saves.attempt(path, lambda: save_state(path, trainable, t.apply_step, {
+                "current_epoch": epoch, "current_step": global_step, "seed": args.seed,
+                "data_position": loader.state_dict(), "max_train_steps": args.max_train_steps,
+                "loss_sum": loss_sum, "loss_count": loss_count, "world_size": world.size})):
+            log.event("save_state", path=path, step=global_step, epoch=epoch)
+            return path
+        return None
 
     def remove_training_state(folder_name):
         path = os.path.join(args.output_dir, folder_name)
@@ -480,16 +503,31 @@ def train(plan):
 
     def save_due(number, epoch, file_name, state_name, to_remove, keep, keep_state):
         """A step or epoch save (`number`: the step or the epoch), its state folder with
-        --save_state, and the older ones --save_last_n_* (_state) let go, as kohya."""
-        save(file_name(args, number), global_step, epoch)
+        --save_state, and the older ones --save_last_n_* (_state) let go, as kohya (not when
+        the new one failed: the older one is then the newest there is)."""
+        saves = SaveGroup()
         stale = to_remove(args, number, keep)
-        if stale:
+        if save(file_name(args, number), global_step, epoch, saves) and stale:
             remove(file_name(args, stale))
         if args.save_state:
-            save_training_state(state_name(args, number), epoch)
             stale = to_remove(args, number, keep_state or keep)
-            if stale:
+            if save_training_state(state_name(args, number), epoch, saves) and stale:
                 remove_training_state(state_name(args, stale))
+        saves.raise_if_failed(global_step)
+
+    def save_interrupted(epoch):
+        """After Ctrl-C / SIGTERM: this step's LoRA and, with --save_state, a state that
+        --resume continues exactly; then the run ends with exit code 130."""
+        saves = SaveGroup()
+        lora = save(names.interrupted_name(args), global_step, epoch, saves)
+        state = None
+        if args.save_state or args.save_state_on_train_end:
+            state = save_training_state(names.interrupted_state_name(args), epoch, saves)
+        saves.raise_if_failed(global_step)
+        then = (f" and the state {state}; continue with --resume {state}" if state else
+                " (with --save_state it also saves a state folder that --resume continues)")
+        raise Interrupted(f"stopped ({stop.signal_name}) after step {global_step} of "
+                          f"{args.max_train_steps}: saved {lora}{then}")
 
     start_epoch, global_step, loss_sum, loss_count = 1, 0, 0.0, 0
     if plan.resume is not None:
@@ -517,6 +555,7 @@ def train(plan):
     bar = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", smoothing=0,
                dynamic_ncols=True, disable=not world.is_main)
     epoch = start_epoch - 1
+    stop.training = True    # a signal from here on asks for a stop at the end of the step
     try:
         if global_step == 0:
             sample(0, 0)   # --sample_at_first (a resumed run does not sample first, as kohya)
@@ -575,6 +614,8 @@ def train(plan):
                              args.save_last_n_steps_state)
                 if global_step >= args.max_train_steps:
                     break
+                if stop.requested.is_set():
+                    save_interrupted(epoch)
             validation.at_epoch(epoch, global_step, loss_sum / loss_count)
             if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 \
                     and epoch < plan.num_epochs:
@@ -584,16 +625,21 @@ def train(plan):
             sample(global_step, epoch)
             if global_step >= args.max_train_steps:
                 break
+        saves = SaveGroup()
         if args.save_state or args.save_state_on_train_end:
-            save_training_state(names.last_state_name(args), epoch)
-        final = save(names.last_name(args), global_step, epoch)
+            save_training_state(names.last_state_name(args), epoch, saves)
+        final = save(names.last_name(args), global_step, epoch, saves)
+        saves.raise_if_failed(global_step)
     finally:
         bar.close()
         loader.close()
         validation.close()
         if log.losses and world.is_main:
-            draw_loss_curve(log.losses, os.path.join(args.output_dir, f"{name}_loss.png"),
-                            title=f"{name}: loss per step")
+            try:
+                draw_loss_curve(log.losses, os.path.join(args.output_dir, f"{name}_loss.png"),
+                                title=f"{name}: loss per step")
+            except OSError as e:    # a full disk: the reason the run ends is reported already
+                logger.warning(f"could not write the loss curve: {e.strerror or e}")
         if plan.bucket_cap is not None:
             log.event("bucket_cap_savings", estimated_compile_seconds_saved=(
                 plan.bucket_cap.estimated_seconds_saved(compiled.values())))
@@ -602,6 +648,25 @@ def train(plan):
         log.close()
     logger.info(f"saved {final} ({global_step} steps, {len(compiled)} compiled step graph(s))")
     return final
+
+
+def _warn_if_disk_short(args, plan, trainable, apply_step, save_dtype, sample_prompts):
+    """Before step 1: what the run will write (after its caches, which are written by now)
+    against the output folder's free space."""
+    from library.training.samples import is_due
+    from library.training.saving import free_space_warning, planned_writes
+    from library.training.state import state_parameters
+    itemsize = {None: None, "float32": 4, "float16": 2, "bfloat16": 2}[save_dtype]
+    lora = sum(p.size * (itemsize or p.itemsize) for p in trainable)
+    state = sum(p.size * p.itemsize for params in state_parameters(trainable, apply_step)
+                for p in params.values())
+    samplings = (sum(is_due(args, s) for s in range(args.max_train_steps + 1))
+                 + sum(is_due(args, 1, e) for e in range(1, plan.num_epochs + 1)))
+    image = max((p.width * p.height * 3 for p in sample_prompts), default=0)  # raw RGB bound
+    warning = free_space_warning(args.output_dir, planned_writes(
+        args, plan.num_epochs, lora, state, samplings * len(sample_prompts), image))
+    if warning:
+        logger.warning(warning)
 
 
 def _cast_frozen(models, weight_dtype, vae_dtype):

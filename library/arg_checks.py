@@ -1,0 +1,47 @@
+"""Number checks for command-line options, shared by the trainer, the generator and the merge
+tool: a value out of range is one error naming the option, before any model is loaded (else a
+negative learning rate trains backwards, a NaN scale makes black images, and a negative seed or
+a rank of 0 fails deep inside numpy or MindSpore).
+
+    check_numbers(args, TRAINER_RANGES)
+"""
+
+import math
+
+from library.errors import UserError
+
+SEED_MAX = 2 ** 32 - 1      # numpy's seeding range, which kohya's set_seed has too
+
+# (option, lowest, highest): None is open. Values may be lists (--text_encoder_lr).
+TRAINER_RANGES = (
+    ("learning_rate", 0, None), ("unet_lr", 0, None), ("text_encoder_lr", 0, None),
+    ("max_train_epochs", 1, None), ("network_dim", 1, None), ("network_alpha", 0, None),
+    ("network_dropout", 0, 1), ("seed", 0, SEED_MAX), ("max_grad_norm", 0, None),
+    # 0 is "off" in kohya's GUIs' configs; a negative count is a typo
+    ("save_every_n_steps", 0, None), ("save_every_n_epochs", 0, None),
+    ("save_last_n_steps", 0, None), ("save_last_n_epochs", 0, None),
+    ("save_last_n_steps_state", 0, None), ("save_last_n_epochs_state", 0, None),
+)
+MERGE_RANGES = (("new_rank", 1, None), ("new_conv_rank", 1, None))
+GENERATOR_RANGES = (("seed", 0, SEED_MAX),)
+
+
+def _bounds(low, high):
+    if high is None:
+        return f"must be {low} or more"
+    return f"must be between {low} and {high}"
+
+
+def check_numbers(args, ranges):
+    """Raise UserError for a NaN or infinite float option (never meaningful, whichever option)
+    or a value outside its range in `ranges`."""
+    for dest, value in vars(args).items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"--{dest} {v}: must be a finite number")
+    for dest, low, high in ranges:
+        value = getattr(args, dest, None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is not None and (v < low or (high is not None and v > high)):
+                extra = " (leave --seed out for a random one)" if dest == "seed" else ""
+                raise UserError(f"--{dest} {v}: {_bounds(low, high)}{extra}")

@@ -1,0 +1,158 @@
+"""Saves that fail without losing what was already saved: a full disk (ENOSPC), a file-size
+limit (EFBIG), a quota or an I/O error at a save.
+
+    saves = SaveGroup()                 # the saves of one step (LoRA, state, ...)
+    if saves.attempt(path, write): ...  # an OSError is reported in one line, the group goes on
+    saves.raise_if_failed(step)         # then the run stops, naming what failed and what exists
+
+Every file is written to a temporary name and renamed (library.safetensors_io.write_atomically,
+library.training.state.save_state), so a failed save leaves the previous file of that name
+intact and removes its own temp file; the LoRA stays in memory until the step's other saves
+have been tried (the final LoRA is small, its state folder is not).
+
+Also here: the start-up estimate of what a run will write against the free space, and the
+removal of temp entries that a killed run left in the output folder.
+"""
+
+import logging
+import os
+import re
+import shutil
+import time
+
+from library.errors import UserError
+
+logger = logging.getLogger("sdxl_train_network")
+
+TEMP_PREFIX = ".tmp-"
+_TEMP_PID = re.compile(r"^\.tmp-(\d+)-")
+# temp names written before they carried their writer's pid: old enough means abandoned
+_UNOWNED_TEMP_AGE = 3600.0
+
+
+class SaveFailed(UserError):
+    """A save of the run failed (disk full, file-size limit, I/O error)."""
+
+
+class SaveGroup:
+    def __init__(self):
+        self.saved, self.failed = [], []
+
+    def attempt(self, path, write):
+        """Run `write()`, which writes `path`; True if it did. An OSError is logged in one line
+        (the path and the system's reason) and remembered, so the caller goes on to its next
+        save instead of losing the LoRA it still holds in memory."""
+        try:
+            write()
+        except OSError as e:
+            reason = e.strerror or str(e)
+            logger.error(f"could not save {path}: {reason}")
+            self.failed.append((path, reason))
+            return False
+        self.saved.append(path)
+        return True
+
+    def raise_if_failed(self, step):
+        if not self.failed:
+            return
+        failed = "; ".join(f"{path} ({reason})" for path, reason in self.failed)
+        kept = (f" Saved at this step: {', '.join(self.saved)}." if self.saved
+                else " Nothing could be saved at this step.")
+        raise SaveFailed(
+            f"the save at step {step} failed: {failed}.{kept} Files saved before are intact; "
+            "free space in the output folder (or raise the file-size limit), then continue from "
+            "the newest -state folder with --resume, or start again")
+
+
+# --- before the run ---------------------------------------------------------------------------
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # another user's process
+        return True
+    return True
+
+
+def remove_stale_temp(folder, now=None):
+    """Remove the `.tmp-*` files and folders of runs that were killed during a save (nothing
+    else removes them); a live process's temp entries are kept, since another run may be saving
+    into the same folder right now. Returns the names removed."""
+    if not os.path.isdir(folder):
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        if not name.startswith(TEMP_PREFIX):
+            continue
+        path = os.path.join(folder, name)
+        match = _TEMP_PID.match(name)
+        if match:
+            stale = not _pid_alive(int(match.group(1)))
+        else:
+            stale = now - os.lstat(path).st_mtime > _UNOWNED_TEMP_AGE
+        if not stale:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.unlink(path)
+        removed.append(name)
+    if removed:
+        logger.info(f"removed {len(removed)} temp file(s) that an interrupted save left in "
+                    f"{folder}: {', '.join(removed[:5])}{' ...' if len(removed) > 5 else ''}")
+    return removed
+
+
+def _kept(saves, limit):
+    return min(saves, limit) if limit else saves
+
+
+def planned_writes(args, num_epochs, lora_bytes, state_bytes, sample_images=0,
+                   sample_image_bytes=0):
+    """[(what, bytes)] a run has on disk at most, from its save options (kohya's counts: each
+    --save_every_n_* save is kept unless --save_last_n_* (_state) lets it go), plus the final
+    save and one temp copy while the next save is written."""
+    every_step, every_epoch = args.save_every_n_steps, args.save_every_n_epochs
+    step_saves = (args.max_train_steps - 1) // every_step if every_step else 0
+    epoch_saves = (num_epochs - 1) // every_epoch if every_epoch else 0
+
+    def kept(keep_steps, keep_epochs):
+        # --save_last_n_steps counts steps (filenames.step_to_remove), _epochs counts saves
+        step_limit = keep_steps // every_step + 1 if keep_steps and every_step else None
+        return _kept(step_saves, step_limit) + _kept(epoch_saves, keep_epochs) + 2
+
+    files = kept(args.save_last_n_steps, args.save_last_n_epochs)
+    writes = [(f"{files} LoRA file(s) of {_human(lora_bytes)}", files * lora_bytes)]
+    states = 0
+    if args.save_state:
+        states = kept(args.save_last_n_steps_state or args.save_last_n_steps,
+                      args.save_last_n_epochs_state or args.save_last_n_epochs)
+    elif args.save_state_on_train_end:
+        states = 2
+    if states:
+        writes.append((f"{states} state folder(s) of {_human(state_bytes)}", states * state_bytes))
+    if sample_images:
+        writes.append((f"{sample_images} sample image(s)", sample_images * sample_image_bytes))
+    return writes
+
+
+def _human(n):
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def free_space_warning(folder, writes, free=None):
+    """A warning text when `folder`'s file system has less free space than `writes` need."""
+    needed = sum(b for _, b in writes)
+    free = shutil.disk_usage(folder).free if free is None else free
+    if free >= needed:
+        return None
+    return (f"--output_dir {folder} has {_human(free)} free, and this run writes up to "
+            f"{_human(needed)} ({', '.join(w for w, _ in writes)}): a save may fail when the "
+            "disk is full. Free space, or keep fewer saves with --save_last_n_steps / "
+            "--save_last_n_epochs")

@@ -216,3 +216,273 @@ def test_merge_tool_numbers_out_of_range(tmp_path, argv, fragment):
                     tmp_path / "m.safetensors", *argv, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"error: {fragment}" in proc.stderr
+
+
+# --- 2. Ctrl-C and SIGTERM --------------------------------------------------------------------
+
+# MindSpore replaces Python's SIGINT handler during graph runs (library.training.interrupts):
+# a bare jit loop is the smallest program that shows it.
+BARE_LOOP = """
+import sys, time
+import numpy as np
+import mindspore as ms
+from mindspore import Tensor, ops
+from library.errors import exit_on_user_error
+from library.training.interrupts import Interrupted, StopRequests
+
+@ms.jit
+def step(a):
+    return ops.matmul(a, a) * 0.5
+
+def main():
+    x = Tensor(np.ones((32, 32), np.float32))
+    with StopRequests() as stop:
+        stop.training = True
+        for i in range(10 ** 6):
+            step(x)
+            if i == 2:
+                print("looping", flush=True)
+            if stop.requested.is_set():
+                raise Interrupted(f"stopped at iteration {i}")
+            time.sleep(0.01)
+
+exit_on_user_error(main)
+"""
+
+
+@pytest.mark.parametrize("signals, message", [
+    ([signal.SIGINT], "interrupted: stopped at iteration"),
+    ([signal.SIGTERM], "interrupted: stopped at iteration"),
+    ([signal.SIGINT, signal.SIGINT], "stop requested again"),
+])
+def test_a_signal_stops_a_graph_loop_at_its_end_and_a_second_one_at_once(signals, message,
+                                                                         tmp_path):
+    script = tmp_path / "bare_loop.py"     # ms.jit needs the source in a file
+    script.write_text(BARE_LOOP)
+    proc = subprocess.Popen([sys.executable, script], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert proc.stdout.readline() == "looping\n", proc.stderr.read()
+        for s in signals:
+            proc.send_signal(s)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "stop requested" in err and message in err and "Traceback" not in err
+    assert ("interrupted: stopped" in err) == (len(signals) == 1)   # the second: no clean-up
+
+
+# --- faults during real training runs (PyNative, a LoRA on one UNet block: seconds a step) -----
+
+ONE_BLOCK = "block_dims=" + ",".join("4" if i == 11 else "0" for i in range(23))
+
+
+@pytest.fixture(scope="module")
+def one_image(tmp_path_factory):
+    from PIL import Image, ImageDraw
+    root = tmp_path_factory.mktemp("one_image")
+    (root / "10_sks").mkdir()      # 10 repeats: 10 steps an epoch, so a stop is mid-epoch
+    img = Image.new("RGB", (64, 64), "white")
+    ImageDraw.Draw(img).ellipse([12, 12, 52, 52], fill=(210, 40, 40))
+    img.save(root / "10_sks" / "a.png")
+    return root
+
+
+def _run_args(ckpt, data, out, steps, *extra):
+    return ["sdxl_train_network.py", "--pretrained_model_name_or_path", ckpt,
+            "--network_module", "networks.lora", "--output_dir", out, "--seed", "3",
+            "--train_data_dir", data, "--resolution", "64", "--output_name", "mem",
+            "--network_dim", "4", "--network_args", ONE_BLOCK, "--max_train_steps", str(steps),
+            "--learning_rate", "3e-3", "--network_train_unet_only", "--cache_latents",
+            "--cache_text_encoder_outputs", "--pynative", *extra]
+
+
+def _tensors(path):
+    from library.safetensors_io import SafetensorsFile
+    f = SafetensorsFile(path)
+    return {k: f.get(k) for k in f.keys()}
+
+
+def _logged_steps(path):
+    if not path.is_file():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if line.startswith('{"step"'))
+
+
+def test_ctrl_c_saves_an_interrupted_lora_and_a_state_that_resumes_to_the_same_lora(
+        tiny_ckpt, one_image, tmp_path):
+    steps = 6
+    run_tool(*_run_args(tiny_ckpt, one_image, tmp_path / "a", steps, "--max_data_loader_n_workers",
+                        "0"))
+    reference = _tensors(tmp_path / "a" / "mem.safetensors")
+
+    # Ctrl-C in a terminal signals the whole process group, data-loader workers included
+    out = tmp_path / "b"
+    log = tmp_path / "b.txt"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, *map(str, _run_args(
+            tiny_ckpt, one_image, out, steps, "--save_state", "--max_data_loader_n_workers", "1"))],
+            cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        deadline = time.time() + 600
+        while _logged_steps(out / "mem_log.jsonl") < 2:
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert "Traceback" not in text and "stop requested" in text
+    message = text[text.rindex("interrupted: "):]
+    state = out / "mem-interrupted-state"
+    assert f"saved {out / 'mem-interrupted.safetensors'} and the state {state}" in message
+    assert f"continue with --resume {state}" in message
+    stopped_at = json.loads((state / "train_state.json").read_text())["current_step"]
+    assert 2 <= stopped_at < steps and f"after step {stopped_at} of {steps}" in message
+    assert not (out / "mem.safetensors").exists()
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
+    check = run_tool("tools/check_lora.py", out / "mem-interrupted.safetensors", "--model",
+                     tiny_ckpt, "--json")
+    assert json.loads(check.stdout)["counts"]["unmatched_keys"] == 0
+
+    run_tool(*_run_args(tiny_ckpt, one_image, out, steps, "--save_state", "--resume", state,
+                        "--max_data_loader_n_workers", "0"))
+    resumed = _tensors(out / "mem.safetensors")
+    assert resumed.keys() == reference.keys()
+    assert all(np.array_equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_old_state_and_still_saves_the_lora(
+        tiny_ckpt, one_image, tmp_path):
+    """RLIMIT_FSIZE between the LoRA file (about 50 KB) and the state's optimizer file (about
+    100 KB): the state save fails, the LoRA save after it is still tried."""
+    out = tmp_path / "out"
+    (out / "mem-state").mkdir(parents=True)
+    (out / "mem-state" / "train_state.json").write_text("the previous run's state")
+    limit = 80 * 1024
+    proc = subprocess.run(
+        [sys.executable, *map(str, _run_args(tiny_ckpt, one_image, out, 1, "--save_state",
+                                              "--max_data_loader_n_workers", "0"))],
+        cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count(f"could not save {out / 'mem-state'}: File too large") == 1
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"error: the save at step 1 failed: {out / 'mem-state'} (File too "
+                              "large). Saved at this step: "), message
+    assert str(out / "mem.safetensors") in message and "free space" in message
+    assert (out / "mem-state" / "train_state.json").read_text() == "the previous run's state"
+    assert not [p for p in os.listdir(out) if p.startswith(".tmp-")]
+    assert _tensors(out / "mem.safetensors")
+
+
+# --- 12. byte-identical images with --cache_latents_to_disk -----------------------------------
+
+def test_identical_images_in_two_repeat_folders_train_from_the_disk_cache(tmp_path):
+    import shutil
+    from library.data import cache as C
+    from test_data_cache import FakeVAE, group_of, make_images, subset
+    a = make_images(tmp_path / "a", [(64, 64)])
+    (tmp_path / "b").mkdir()
+    shutil.copy(a / "000.png", tmp_path / "b" / "000.png")
+    g = group_of([subset(a), subset(tmp_path / "b")])
+    vae = FakeVAE()
+    first = C.build_latent_cache(g, vae, "vae", to_disk=True, progress=False)
+    assert vae.images == 1      # one content, encoded once
+    got = [first.get(rec) for _, rec in g.records()]
+    assert len(got) == 2 and np.array_equal(got[0], got[1])
+    again = C.build_latent_cache(g, FakeVAE(), "vae", to_disk=True, progress=False)
+    assert again.computed == 0 and all(np.array_equal(again.get(rec), got[0])
+                                       for _, rec in g.records())
+
+
+# --- 7-10. dataset files: encodings, JSON types, silent accepts, 16-bit PNGs ----------------
+
+def _png(path, size=(64, 64), color=(200, 30, 30)):
+    from PIL import Image
+    Image.new("RGB", size, color).save(path)
+    return path
+
+
+def _group(tmp_path, is_dreambooth=True, **subset_kw):
+    from library.data.config import DatasetConfig, SubsetConfig
+    from library.data.dataset import build_dataset_groups
+    sub = SubsetConfig(where="datasets[0].subsets[0]", **subset_kw)
+    config = DatasetConfig(subsets=(sub,), is_dreambooth=is_dreambooth, resolution=(64, 64),
+                           enable_bucket=False, where="datasets[0]")
+    return build_dataset_groups([config])[0]
+
+
+def test_a_toml_with_a_byte_order_mark_is_read_and_latin_1_is_named(tmp_path):
+    from library.data.config import load_config_file
+    from library.training.args import parse_args
+    bom = tmp_path / "bom.toml"
+    bom.write_bytes(b"\xef\xbb\xbf[general]\nresolution = 64\n")
+    assert load_config_file(str(bom)) == {"general": {"resolution": 64}}
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("[general]\n# caf\u00e9 images\nresolution = 64\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"dataset config .*latin\.toml is not UTF-8 text .*"
+                                        "re-save it as UTF-8"):
+        load_config_file(str(latin))
+    cfg = tmp_path / "train.toml"
+    cfg.write_bytes(b"\xef\xbb\xbfnetwork_dim = 8\n")
+    assert parse_args(["--config_file", str(cfg)])[1].network_dim == 8
+
+
+def test_a_caption_file_with_a_byte_order_mark_or_only_whitespace(tmp_path):
+    from library.data.captions import read_caption_file
+    img = _png(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_bytes(b"\xef\xbb\xbfa red square\n")
+    assert read_caption_file(str(img), ".txt", False) == "a red square"
+    (tmp_path / "a.txt").write_text("  \n\t\n")
+    with pytest.raises(UserError, match=r"a\.txt is empty; write a caption or delete the file"):
+        read_caption_file(str(img), ".txt", False)
+
+
+@pytest.mark.parametrize("entry, fragment", [
+    ({"caption": 5}, "entry 'a.png': \"caption\" should be text, got 5"),
+    ({"tags": ["red", "square"]}, "entry 'a.png': \"tags\" should be text, got ['red', 'square']"),
+    ("a red square", "entry 'a.png': expected an object"),
+    ({}, "entry 'a.png' has neither a caption nor tags"),
+    ({"caption": " ", "tags": ""}, "entry 'a.png' has neither a caption nor tags"),
+])
+def test_metadata_entries_of_the_wrong_type_or_empty_are_named(tmp_path, entry, fragment):
+    _png(tmp_path / "a.png")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"a.png": entry}))
+    with pytest.raises(UserError) as caught:
+        _group(tmp_path, is_dreambooth=False, image_dir=str(tmp_path), metadata_file=str(meta))
+    assert "meta.json" in str(caught.value) and fragment in str(caught.value)
+
+
+def test_images_without_a_metadata_entry_and_dangling_links_are_warned_about(tmp_path, caplog):
+    for name in ("a.png", "b.png", "c.png"):
+        _png(tmp_path / name)
+    os.symlink(tmp_path / "gone.png", tmp_path / "link.png")
+    meta = tmp_path / "meta.json"
+    meta.write_bytes(b"\xef\xbb\xbf" + json.dumps({"a.png": {"caption": "red"}}).encode())
+    group = _group(tmp_path, is_dreambooth=False, image_dir=str(tmp_path),
+                   metadata_file=str(meta))
+    assert [os.path.basename(r.path) for _, r in group.records()] == ["a.png"]
+    assert "2 image(s) in" in caplog.text and "are not trained: b.png, c.png" in caplog.text
+    assert "1 image link(s) point to a missing file and are left out: link.png" in caplog.text
+
+
+def test_a_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+    from PIL import Image
+    from library.data.images import load_image
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)     # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    pixels = load_image(str(tmp_path / "g16.png"))
+    assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
+    expected = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    assert np.array_equal(pixels[..., 0], expected) and np.array_equal(pixels[..., 2], expected)

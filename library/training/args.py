@@ -273,8 +273,9 @@ def apply_config_file(parser, args, argv):
         path = path + ".toml"   # kohya appends the suffix when it is missing
     if not os.path.isfile(path):
         raise UserError(f"--config_file {path} not found")
+    from library.generation.prompts import read_utf8
     try:
-        values = _flatten(toml.load(path))
+        values = _flatten(toml.loads(read_utf8(path, "--config_file")))
     except toml.TomlDecodeError as e:
         raise UserError(f"--config_file {path} is not valid TOML: {e}") from None
     actions = {a.dest: a for a in parser._actions}

@@ -7,6 +7,7 @@ a rank of 0 fails deep inside numpy or MindSpore).
 """
 
 import math
+import os
 
 from library.errors import UserError
 
@@ -45,3 +46,15 @@ def check_numbers(args, ranges):
             if v is not None and (v < low or (high is not None and v > high)):
                 extra = " (leave --seed out for a random one)" if dest == "seed" else ""
                 raise UserError(f"--{dest} {v}: {_bounds(low, high)}{extra}")
+
+
+def check_folder_can_be_made(path, option):
+    """`path` is a folder or can be made as one (its nearest existing parent is a writable
+    folder): checked before the model load, so an image or a log is not made and then lost."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise UserError(f"{option} {path}: {probe} is a file, not a folder; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {path}: the folder {probe} is not writable")

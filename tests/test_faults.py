@@ -486,3 +486,84 @@ def test_a_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
     assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
     expected = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
     assert np.array_equal(pixels[..., 0], expected) and np.array_equal(pixels[..., 2], expected)
+
+
+# --- 6. paths that would fail after the expensive work --------------------------------------
+
+@pytest.fixture
+def fake_model(tmp_path):
+    from library.safetensors_io import write_safetensors
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, {"x": np.zeros(1, np.float32)})
+    return path
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--output_name", "sub/name"], "--output_name sub/name: a file name, not a path"),
+    (["--logging_dir", "{file}/logs"], "--logging_dir {file}/logs: {file} is a file, not a folder"),
+])
+def test_trainer_paths_are_checked_before_the_model_loads(tmp_path, fake_model, extra, fragment):
+    from library.training.args import parse_args
+    from library.training.loop import prepare
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    extra = [e.format(file=blocker) for e in extra]
+    _, args = parse_args(["--pretrained_model_name_or_path", str(fake_model), "--network_module",
+                          "networks.lora", "--output_dir", str(tmp_path / "out"), *extra])
+    with pytest.raises(UserError) as caught:
+        prepare(args)
+    assert str(caught.value).startswith(fragment.format(file=blocker))
+
+
+def test_generator_outdir_under_a_file_is_refused_before_generating(tmp_path):
+    from library.generation.cli import check_args
+    from sdxl_gen_img import setup_parser
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    args = setup_parser().parse_args(["--ckpt", "x.safetensors", "--prompt", "a cat",
+                                      "--outdir", str(blocker / "images")])
+    with pytest.raises(UserError, match="--outdir .*: .*a_file is a file, not a folder"):
+        check_args(args)
+
+
+def test_merge_save_to_in_a_missing_folder_is_refused_first(tmp_path):
+    proc = run_tool("tools/merge_lora.py", "--models", tmp_path / "a.safetensors", "--save_to",
+                    tmp_path / "missing" / "m.safetensors", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert f"the folder {tmp_path / 'missing'} does not exist" in proc.stderr
+
+
+# --- 5. a LoRA with NaN or inf weights --------------------------------------------------------
+
+@pytest.fixture
+def nan_lora(tmp_path):
+    from library.safetensors_io import write_safetensors
+    down = "lora_unet_input_blocks_4_1_proj_in.lora_down.weight"
+    tensors = {down: np.ones((4, 8), np.float32),
+               down.replace("down", "up"): np.ones((8, 4), np.float32),
+               "lora_unet_input_blocks_4_1_proj_in.alpha": np.array(4, np.float32)}
+    tensors[down.replace("down", "up")][3, 1] = np.inf
+    path = tmp_path / "diverged.safetensors"
+    write_safetensors(path, tensors, dtype="float16")
+    return path
+
+
+def test_a_non_finite_lora_is_refused_by_trainer_generator_and_loader(tmp_path, fake_model,
+                                                                      nan_lora):
+    from library.generation.cli import check_args
+    from library.training.args import parse_args
+    from library.training.loop import prepare
+    from networks.lora import load_lora_file
+    from sdxl_gen_img import setup_parser
+    fragment = (f"{nan_lora}: tensor lora_unet_input_blocks_4_1_proj_in.lora_up.weight holds NaN "
+                "or infinite values")
+    _, args = parse_args(["--pretrained_model_name_or_path", str(fake_model), "--network_module",
+                          "networks.lora", "--output_dir", str(tmp_path / "out"),
+                          "--network_weights", str(nan_lora)])
+    for refuse in (lambda: prepare(args), lambda: load_lora_file(nan_lora), lambda: check_args(
+            setup_parser().parse_args(["--ckpt", "x.safetensors", "--prompt", "a cat",
+                                       "--network_module", "networks.lora",
+                                       "--network_weights", str(nan_lora)]))):
+        with pytest.raises(UserError) as caught:
+            refuse()
+        assert str(caught.value).startswith(fragment)

@@ -147,6 +147,9 @@ def main(argv=None):
     def run():
         from library.arg_checks import MERGE_RANGES, check_numbers
         check_numbers(args, MERGE_RANGES)
+        folder = os.path.dirname(os.path.abspath(args.save_to))
+        if not os.path.isdir(folder):
+            raise UserError(f"--save_to {args.save_to}: the folder {folder} does not exist")
         return merge(args)
 
     return exit_on_user_error(run)

@@ -45,8 +45,9 @@ def check_args(args):
     """Option-level checks that need no model."""
     if not args.ckpt:
         raise UserError("--ckpt is required: an SDXL .safetensors file, a diffusers folder or a hub id")
-    from library.arg_checks import GENERATOR_RANGES, check_numbers
+    from library.arg_checks import GENERATOR_RANGES, check_folder_can_be_made, check_numbers
     check_numbers(args, GENERATOR_RANGES)
+    check_folder_can_be_made(args.outdir, "--outdir")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 are exclusive")
     for name in ("steps", "images_per_prompt", "n_iter", "batch_size", "highres_fix_steps"):

@@ -133,6 +133,12 @@ def prepare(args):
         from networks.lora import refuse_non_finite
         refuse_non_finite(args.network_weights)    # before the model load, not after
     _check_output_dir(args.output_dir)
+    from library.arg_checks import check_folder_can_be_made
+    if args.output_name and os.path.basename(args.output_name) != args.output_name:
+        raise UserError(f"--output_name {args.output_name}: a file name, not a path; put the "
+                        "folder in --output_dir")
+    if args.logging_dir:
+        check_folder_can_be_made(args.logging_dir, "--logging_dir")
 
     check_optimizer_options(args.optimizer_type, args.optimizer_args,
                             use_lion_optimizer=args.use_lion_optimizer)

@@ -361,12 +361,14 @@ def test_ctrl_c_saves_an_interrupted_lora_and_a_state_that_resumes_to_the_same_l
 
 def test_a_full_disk_at_the_final_save_keeps_the_old_state_and_still_saves_the_lora(
         tiny_ckpt, one_image, tmp_path):
-    """RLIMIT_FSIZE between the LoRA file (about 50 KB) and the state's optimizer file (about
-    100 KB): the state save fails, the LoRA save after it is still tried."""
+    """RLIMIT_FSIZE between the LoRA file (about 105 KB) and the state's optimizer file (about
+    200 KB): the state save fails, the LoRA save after it is still tried."""
     out = tmp_path / "out"
     (out / "mem-state").mkdir(parents=True)
     (out / "mem-state" / "train_state.json").write_text("the previous run's state")
-    limit = 80 * 1024
+    stale = out / f".tmp-{_dead_pid()}-k3j4mem.safetensors"     # a killed run's half save
+    stale.write_bytes(b"half a LoRA")
+    limit = 150 * 1024
     proc = subprocess.run(
         [sys.executable, *map(str, _run_args(tiny_ckpt, one_image, out, 1, "--save_state",
                                               "--max_data_loader_n_workers", "0"))],
@@ -374,6 +376,8 @@ def test_a_full_disk_at_the_final_save_keeps_the_old_state_and_still_saves_the_l
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    assert f"removed 1 temp file(s) that an interrupted save left in {out}: {stale.name}" \
+        in proc.stderr
     assert proc.stderr.count(f"could not save {out / 'mem-state'}: File too large") == 1
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith(f"error: the save at step 1 failed: {out / 'mem-state'} (File too "
@@ -567,3 +571,32 @@ def test_a_non_finite_lora_is_refused_by_trainer_generator_and_loader(tmp_path, 
         with pytest.raises(UserError) as caught:
             refuse()
         assert str(caught.value).startswith(fragment)
+
+
+# --- 11. --resume onto a dataset that changed ---------------------------------------------------
+
+def test_resume_names_what_changed_in_the_dataset_and_how_the_position_maps(tmp_path):
+    from library.data.fingerprint import dataset_changes, dataset_record
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        _png(folder / name)
+    saved = json.loads(json.dumps(dataset_record(_group(folder, image_dir=str(folder),
+                                                         class_tokens="sks"))))   # as stored
+    same = _group(folder, image_dir=str(folder), class_tokens="sks")
+    assert dataset_changes(saved, same, {"epoch": 2, "batch": 1}) == []
+
+    os.unlink(folder / "c.png")
+    _png(folder / "b.png", (64, 64), (0, 0, 0))
+    os.utime(folder / "b.png", ns=(1, 1))
+    for name in ("d.png", "e.png"):
+        _png(folder / name)
+    changed = _group(folder, image_dir=str(folder), class_tokens="sks")
+    lines = dataset_changes(saved, changed, {"epoch": 2, "batch": 1})
+    assert len(lines) == 2
+    assert f"images 2 added ({folder / 'd.png'}, {folder / 'e.png'}); 1 removed " \
+           f"({folder / 'c.png'}); 1 changed ({folder / 'b.png'})" in lines[0]
+    assert "the saved run had 3 batches per epoch, this one has 4: the saved position, batch 1 " \
+           "of epoch 2, continues at batch 1 of 4" in lines[1]
+    assert "is past this run's 4, so epoch 2 counts as done" in dataset_changes(
+        saved, changed, {"epoch": 2, "batch": 7})[1]

@@ -205,6 +205,10 @@ def prepare(args):
     if resume is not None:
         from library.training.state import check_compatible
         check_compatible(resume, args.resume, args, world.size)
+        if "dataset" in resume:     # states saved before it was recorded have none
+            from library.data.fingerprint import dataset_changes
+            for line in dataset_changes(resume["dataset"], train_group, resume["data_position"]):
+                logger.warning(line)
     return Plan(args, train_group, val_group, noise_options, loss_options, schedule_options,
                 net_kwargs, per_epoch, num_epochs, resume, bucket_cap)
 
@@ -433,6 +437,7 @@ def _train(plan, stop):
     from library.training.loss_scale import LossScaleWatch
     from library.training.run_metadata import at_save, run_metadata
     from library.training import distributed
+    from library.data.fingerprint import dataset_record
     from library.training.interrupts import Interrupted
     from library.training.samples import TrainingSampler
     from library.training.saving import SaveGroup
@@ -497,7 +502,8 @@ def _train(plan, stop):
         if saves.attempt(path, lambda: save_state(path, trainable, t.apply_step, {
                 "current_epoch": epoch, "current_step": global_step, "seed": args.seed,
                 "data_position": loader.state_dict(), "max_train_steps": args.max_train_steps,
-                "loss_sum": loss_sum, "loss_count": loss_count, "world_size": world.size})):
+                "loss_sum": loss_sum, "loss_count": loss_count, "world_size": world.size,
+                "dataset": dataset})):
             log.event("save_state", path=path, step=global_step, epoch=epoch)
             return path
         return None
@@ -536,6 +542,7 @@ def _train(plan, stop):
                           f"{args.max_train_steps}: saved {lora}{then}")
 
     start_epoch, global_step, loss_sum, loss_count = 1, 0, 0.0, 0
+    dataset = dataset_record(plan.train_group)     # what a --resume of a state is checked against
     if plan.resume is not None:
         # before any step graph runs: compiled functions do not see later host-side writes
         record = load_state(args.resume, trainable, t.apply_step)

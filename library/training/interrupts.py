@@ -87,3 +87,6 @@ class StopRequests:
                 if self.training:
                     _say(f"stop requested ({name}): stopping after the current step and "
                          "saving (Ctrl-C again exits at once without saving)")
+                else:
+                    _say(f"stop requested ({name}): nothing is trained yet, stopping when the "
+                         "current operation returns (Ctrl-C again exits at once)")

@@ -359,6 +359,28 @@ def test_ctrl_c_saves_an_interrupted_lora_and_a_state_that_resumes_to_the_same_l
     assert all(np.array_equal(reference[k], resumed[k]) for k in reference)
 
 
+def test_ctrl_c_before_the_first_step_stops_with_nothing_saved(tiny_ckpt, one_image, tmp_path):
+    out, log = tmp_path / "out", tmp_path / "run.txt"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, *map(str, _run_args(
+            tiny_ckpt, one_image, out, 3, "--max_data_loader_n_workers", "0"))], cwd=ROOT,
+            stdout=sink, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        deadline = time.time() + 300
+        while " loaded " not in log.read_text():      # the model is loaded: caching comes next
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert "nothing is trained yet" in text and "Traceback" not in text
+    assert text.rstrip().endswith("interrupted: stopped before training started: nothing was saved")
+    assert not list(out.glob("*.safetensors")) and not list(out.glob(".tmp-*"))
+
+
 def test_a_full_disk_at_the_final_save_keeps_the_old_state_and_still_saves_the_lora(
         tiny_ckpt, one_image, tmp_path):
     """RLIMIT_FSIZE between the LoRA file (about 105 KB) and the state's optimizer file (about

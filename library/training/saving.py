@@ -89,16 +89,19 @@ def remove_stale_temp(folder, now=None):
             continue
         path = os.path.join(folder, name)
         match = _TEMP_PID.match(name)
-        if match:
-            stale = not _pid_alive(int(match.group(1)))
-        else:
-            stale = now - os.lstat(path).st_mtime > _UNOWNED_TEMP_AGE
-        if not stale:
+        try:
+            if match:
+                stale = not _pid_alive(int(match.group(1)))
+            else:
+                stale = now - os.lstat(path).st_mtime > _UNOWNED_TEMP_AGE
+            if not stale:
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:   # under msrun every rank cleans up: another one was first
             continue
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.unlink(path)
         removed.append(name)
     if removed:
         logger.info(f"removed {len(removed)} temp file(s) that an interrupted save left in "

@@ -423,8 +423,11 @@ def build_training(plan, models):
 
 def train(plan):
     """Ctrl-C or SIGTERM stop the run after the current step, with an -interrupted save."""
+    from library.training import distributed
     from library.training.interrupts import StopRequests
-    with StopRequests() as stop:
+    # Not under msrun yet: the ranks would stop at different steps and then wait for each other
+    # in the next collective; msrun's SIGTERM to the ranks after a failure must end them.
+    with StopRequests(enabled=not distributed.world().distributed) as stop:
         return _train(plan, stop)
 
 

@@ -622,3 +622,19 @@ def test_resume_names_what_changed_in_the_dataset_and_how_the_position_maps(tmp_
            "of epoch 2, continues at batch 1 of 4" in lines[1]
     assert "is past this run's 4, so epoch 2 counts as done" in dataset_changes(
         saved, changed, {"epoch": 2, "batch": 7})[1]
+
+
+def test_disk_caches_are_counted_per_image_folder(tmp_path):
+    from library.training.saving import CACHES_HINT, disk_cache_writes, free_space_warning
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        _png(folder / name)
+    group = _group(folder, image_dir=str(folder), class_tokens="sks", flip_aug=True)
+    writes = disk_cache_writes(group, latents=True, text=True, text_tokens=77)
+    latent = 4 * (64 // 8) * (64 // 8) * 4 * 2     # float32, and flipped too
+    assert writes == {str(folder): [("latent caches", 2 * latent),
+                                    ("text-encoder caches", 2 * (77 * 2048 + 1280) * 4)]}
+    warning = free_space_warning(str(folder), writes[str(folder)], free=1000,
+                                 label="the image folder", hint=CACHES_HINT)
+    assert warning.startswith(f"the image folder {folder} has 1000 B free") and "in memory" in warning

@@ -449,6 +449,8 @@ def _train(plan, stop):
 
     args = plan.args
     world = distributed.init()
+    if world.is_main and (args.cache_latents_to_disk or args.cache_text_encoder_outputs_to_disk):
+        _warn_if_caches_short(args, plan)
     t = build_training(plan, load_models(args))
     network, groups, built, schedule = t.network, t.groups, t.optimizer, t.schedule
     assembler, loader = t.assembler, t.loader
@@ -683,6 +685,21 @@ def _warn_if_disk_short(args, plan, trainable, apply_step, save_dtype, sample_pr
         args, plan.num_epochs, lora, state, samplings * len(sample_prompts), image))
     if warning:
         logger.warning(warning)
+
+
+def _warn_if_caches_short(args, plan):
+    """Before the caches are written: their files against the free space beside the images."""
+    from library.training.saving import CACHES_HINT, disk_cache_writes, free_space_warning
+    tokens = 77 * ((args.max_token_length or 75) // 75)
+    groups = [g for g in (plan.train_group, plan.val_group) if g is not None]
+    for group in groups:
+        for folder, writes in disk_cache_writes(
+                group, args.cache_latents_to_disk, args.cache_text_encoder_outputs_to_disk,
+                tokens).items():
+            warning = free_space_warning(folder, writes, label="the image folder",
+                                         hint=CACHES_HINT)
+            if warning:
+                logger.warning(warning)
 
 
 def _cast_frozen(models, weight_dtype, vae_dtype):

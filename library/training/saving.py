@@ -149,13 +149,37 @@ def _human(n):
         n /= 1024
 
 
-def free_space_warning(folder, writes, free=None):
+def disk_cache_writes(group, latents, text, text_tokens):
+    """{image folder: [(what, bytes)]} for --cache_latents_to_disk / --cache_text_encoder_outputs
+    _to_disk, whose .npz files go beside the images (float32, uncompressed: an upper bound, as
+    entries already cached are counted too), one folder per file system."""
+    per_device, folders = {}, {}
+    for _, record in group.records():
+        folder = os.path.dirname(os.path.abspath(record.path))
+        device = os.stat(folder).st_dev
+        folders.setdefault(device, folder)
+        sizes = per_device.setdefault(device, [0, 0])
+        if latents:
+            w, h = record.bucket.bucket_wh
+            latent = 4 * (w // 8) * (h // 8) * 4
+            sizes[0] += latent * (2 if record.subset.flip_aug else 1)
+            sizes[0] += w * h * 4 if record.subset.alpha_mask else 0
+        if text:
+            sizes[1] += (text_tokens * 2048 + 1280) * 4     # SDXL's context and pooled output
+    return {folders[d]: [(what, n) for what, n in zip(("latent caches", "text-encoder caches"), s)
+                         if n] for d, s in per_device.items()}
+
+
+SAVES_HINT = "keep fewer saves with --save_last_n_steps / --save_last_n_epochs"
+CACHES_HINT = "cache in memory instead (--cache_latents / --cache_text_encoder_outputs)"
+
+
+def free_space_warning(folder, writes, free=None, label="--output_dir", hint=SAVES_HINT):
     """A warning text when `folder`'s file system has less free space than `writes` need."""
     needed = sum(b for _, b in writes)
     free = shutil.disk_usage(folder).free if free is None else free
     if free >= needed:
         return None
-    return (f"--output_dir {folder} has {_human(free)} free, and this run writes up to "
-            f"{_human(needed)} ({', '.join(w for w, _ in writes)}): a save may fail when the "
-            "disk is full. Free space, or keep fewer saves with --save_last_n_steps / "
-            "--save_last_n_epochs")
+    return (f"{label} {folder} has {_human(free)} free, and this run writes up to "
+            f"{_human(needed)} there ({', '.join(w for w, _ in writes)}): a save may fail when "
+            f"the disk is full. Free space, or {hint}")

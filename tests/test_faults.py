@@ -638,3 +638,22 @@ def test_disk_caches_are_counted_per_image_folder(tmp_path):
     warning = free_space_warning(str(folder), writes[str(folder)], free=1000,
                                  label="the image folder", hint=CACHES_HINT)
     assert warning.startswith(f"the image folder {folder} has 1000 B free") and "in memory" in warning
+
+
+def test_the_run_warns_at_start_up_from_its_own_tensors(tmp_path, monkeypatch, caplog):
+    import shutil
+    from library.training import saving
+    lora = [SimpleNamespace(name="down", size=512, itemsize=4)]
+    moments = SimpleNamespace(name="moments", size=1024, itemsize=4)
+    apply_step = SimpleNamespace(grad_buffers=[], get_parameters=lambda: [*lora, moments])
+    args = _save_args(save_every_n_steps=25, save_state=True, output_dir=str(tmp_path),
+                      sample_at_first=True, sample_every_n_steps=50, sample_every_n_epochs=None)
+    prompts = [SimpleNamespace(width=64, height=32)] * 2
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
+    saving.warn_if_disk_short(args, SimpleNamespace(num_epochs=1), lora, apply_step, "float16",
+                              prompts)
+    # saves at 25, 50, 75 + final + temp copy, of 1 KB (fp16) and states of 6 KB (float32);
+    # samples at 0, 50, 100: 3 x 2 images of 64 x 32 x 3 bytes; 5 + 30 + 36 KB
+    assert f"--output_dir {tmp_path} has 4.0 KB free, and this run writes up to 71.0 KB there " \
+           "(5 LoRA file(s) of 1.0 KB, 5 state folder(s) of 6.0 KB, 6 sample image(s))" \
+           in caplog.text

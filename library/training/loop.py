@@ -443,14 +443,14 @@ def _train(plan, stop):
     from library.data.fingerprint import dataset_record
     from library.training.interrupts import Interrupted
     from library.training.samples import TrainingSampler
-    from library.training.saving import SaveGroup
+    from library.training.saving import SaveGroup, warn_if_caches_short, warn_if_disk_short
     from library.training.state import load_state, remove_state, save_state
     from library.training.validation import Validation
 
     args = plan.args
     world = distributed.init()
     if world.is_main and (args.cache_latents_to_disk or args.cache_text_encoder_outputs_to_disk):
-        _warn_if_caches_short(args, plan)
+        warn_if_caches_short(args, plan)
     t = build_training(plan, load_models(args))
     network, groups, built, schedule = t.network, t.groups, t.optimizer, t.schedule
     assembler, loader = t.assembler, t.loader
@@ -479,7 +479,7 @@ def _train(plan, stop):
     save_dtype = {None: None, "float": "float32", "fp16": "float16", "bf16": "bfloat16"}[
         args.save_precision]
     if world.is_main:
-        _warn_if_disk_short(args, plan, trainable, t.apply_step, save_dtype, sample.prompts)
+        warn_if_disk_short(args, plan, trainable, t.apply_step, save_dtype, sample.prompts)
 
     # Each save below is attempted in a SaveGroup (library.training.saving): a full disk fails
     # it with one message, and the other saves of that step are still tried before the stop.
@@ -666,40 +666,6 @@ def _train(plan, stop):
         log.close()
     logger.info(f"saved {final} ({global_step} steps, {len(compiled)} compiled step graph(s))")
     return final
-
-
-def _warn_if_disk_short(args, plan, trainable, apply_step, save_dtype, sample_prompts):
-    """Before step 1: what the run will write (after its caches, which are written by now)
-    against the output folder's free space."""
-    from library.training.samples import is_due
-    from library.training.saving import free_space_warning, planned_writes
-    from library.training.state import state_parameters
-    itemsize = {None: None, "float32": 4, "float16": 2, "bfloat16": 2}[save_dtype]
-    lora = sum(p.size * (itemsize or p.itemsize) for p in trainable)
-    state = sum(p.size * p.itemsize for params in state_parameters(trainable, apply_step)
-                for p in params.values())
-    samplings = (sum(is_due(args, s) for s in range(args.max_train_steps + 1))
-                 + sum(is_due(args, 1, e) for e in range(1, plan.num_epochs + 1)))
-    image = max((p.width * p.height * 3 for p in sample_prompts), default=0)  # raw RGB bound
-    warning = free_space_warning(args.output_dir, planned_writes(
-        args, plan.num_epochs, lora, state, samplings * len(sample_prompts), image))
-    if warning:
-        logger.warning(warning)
-
-
-def _warn_if_caches_short(args, plan):
-    """Before the caches are written: their files against the free space beside the images."""
-    from library.training.saving import CACHES_HINT, disk_cache_writes, free_space_warning
-    tokens = 77 * ((args.max_token_length or 75) // 75)
-    groups = [g for g in (plan.train_group, plan.val_group) if g is not None]
-    for group in groups:
-        for folder, writes in disk_cache_writes(
-                group, args.cache_latents_to_disk, args.cache_text_encoder_outputs_to_disk,
-                tokens).items():
-            warning = free_space_warning(folder, writes, label="the image folder",
-                                         hint=CACHES_HINT)
-            if warning:
-                logger.warning(warning)
 
 
 def _cast_frozen(models, weight_dtype, vae_dtype):

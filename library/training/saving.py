@@ -183,3 +183,35 @@ def free_space_warning(folder, writes, free=None, label="--output_dir", hint=SAV
     return (f"{label} {folder} has {_human(free)} free, and this run writes up to "
             f"{_human(needed)} there ({', '.join(w for w, _ in writes)}): a save may fail when "
             f"the disk is full. Free space, or {hint}")
+
+
+def warn_if_disk_short(args, plan, trainable, apply_step, save_dtype, sample_prompts):
+    """Before step 1: what the run will write (after its caches, which are written by now)
+    against the output folder's free space."""
+    from library.training.samples import is_due
+    from library.training.state import state_parameters
+    itemsize = {None: None, "float32": 4, "float16": 2, "bfloat16": 2}[save_dtype]
+    lora = sum(p.size * (itemsize or p.itemsize) for p in trainable)
+    state = sum(p.size * p.itemsize for params in state_parameters(trainable, apply_step)
+                for p in params.values())
+    samplings = (sum(is_due(args, s) for s in range(args.max_train_steps + 1))
+                 + sum(is_due(args, 1, e) for e in range(1, plan.num_epochs + 1)))
+    image = max((p.width * p.height * 3 for p in sample_prompts), default=0)  # raw RGB bound
+    warning = free_space_warning(args.output_dir, planned_writes(
+        args, plan.num_epochs, lora, state, samplings * len(sample_prompts), image))
+    if warning:
+        logger.warning(warning)
+
+
+def warn_if_caches_short(args, plan):
+    """Before the caches are written: their files against the free space beside the images."""
+    tokens = 77 * ((args.max_token_length or 75) // 75)
+    groups = [g for g in (plan.train_group, plan.val_group) if g is not None]
+    for group in groups:
+        for folder, writes in disk_cache_writes(
+                group, args.cache_latents_to_disk, args.cache_text_encoder_outputs_to_disk,
+                tokens).items():
+            warning = free_space_warning(folder, writes, label="the image folder",
+                                         hint=CACHES_HINT)
+            if warning:
+                logger.warning(warning)

@@ -657,3 +657,16 @@ def test_the_run_warns_at_start_up_from_its_own_tensors(tmp_path, monkeypatch, c
     assert f"--output_dir {tmp_path} has 4.0 KB free, and this run writes up to 71.0 KB there " \
            "(5 LoRA file(s) of 1.0 KB, 5 state folder(s) of 6.0 KB, 6 sample image(s))" \
            in caplog.text
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("sdxl_train_network.py", ["--seed", "-1"], "error: --seed -1: must be between 0 and"),
+    ("sdxl_gen_img.py", ["--ckpt", "x.safetensors", "--prompt", "a cat", "--scale", "nan"],
+     "error: --scale nan: must be a finite number"),
+])
+def test_number_errors_exit_2_with_one_line(tmp_path, script, argv, message):
+    proc = run_tool(script, *argv, "--outdir" if script == "sdxl_gen_img.py" else "--output_dir",
+                    tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
+    assert not (tmp_path / "out").exists()

@@ -66,8 +66,7 @@ def test_a_failed_save_is_reported_once_and_the_next_save_is_still_tried(tmp_pat
     message = str(caught.value)
     assert "step 12" in message and "out/a-state (No space left on device)" in message
     assert "Saved at this step: out/a.safetensors" in message and "--resume" in message
-    assert [r.getMessage() for r in caplog.records] == [
-        "could not save out/a-state: No space left on device"]
+    assert not caplog.records       # the one message is the error
     SaveGroup().raise_if_failed(3)      # nothing failed: nothing raised
 
 
@@ -400,7 +399,7 @@ def test_a_full_disk_at_the_final_save_keeps_the_old_state_and_still_saves_the_l
     assert "Traceback" not in proc.stderr
     assert f"removed 1 temp file(s) that an interrupted save left in {out}: {stale.name}" \
         in proc.stderr
-    assert proc.stderr.count(f"could not save {out / 'mem-state'}: File too large") == 1
+    assert proc.stderr.count("File too large") == 1         # one message
     message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith(f"error: the save at step 1 failed: {out / 'mem-state'} (File too "
                               "large). Saved at this step: "), message

@@ -2,8 +2,9 @@
 limit (EFBIG), a quota or an I/O error at a save.
 
     saves = SaveGroup()                 # the saves of one step (LoRA, state, ...)
-    if saves.attempt(path, write): ...  # an OSError is reported in one line, the group goes on
-    saves.raise_if_failed(step)         # then the run stops, naming what failed and what exists
+    if saves.attempt(path, write): ...  # an OSError is remembered, the group goes on
+    saves.raise_if_failed(step)         # then the run stops with one message: what failed, what
+                                        # was saved, what to do
 
 Every file is written to a temporary name and renamed (library.safetensors_io.write_atomically,
 library.training.state.save_state), so a failed save leaves the previous file of that name
@@ -39,15 +40,13 @@ class SaveGroup:
         self.saved, self.failed = [], []
 
     def attempt(self, path, write):
-        """Run `write()`, which writes `path`; True if it did. An OSError is logged in one line
-        (the path and the system's reason) and remembered, so the caller goes on to its next
-        save instead of losing the LoRA it still holds in memory."""
+        """Run `write()`, which writes `path`; True if it did. An OSError is remembered (the
+        path and the system's reason, for raise_if_failed's one message), so the caller goes
+        on to its next save instead of losing the LoRA it still holds in memory."""
         try:
             write()
         except OSError as e:
-            reason = e.strerror or str(e)
-            logger.error(f"could not save {path}: {reason}")
-            self.failed.append((path, reason))
+            self.failed.append((path, e.strerror or str(e)))
             return False
         self.saved.append(path)
         return True

@@ -669,3 +669,11 @@ def test_number_errors_exit_2_with_one_line(tmp_path, script, argv, message):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(message)
     assert not (tmp_path / "out").exists()
+
+
+def test_config_file_numbers_are_checked_too(tmp_path):
+    from library.training.args import parse_args
+    cfg = tmp_path / "train.toml"
+    cfg.write_text("[training]\nnetwork_dim = 0\n")
+    with pytest.raises(UserError, match="^--network_dim 0: must be 1 or more"):
+        parse_args(["--config_file", str(cfg)])

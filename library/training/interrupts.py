@@ -84,6 +84,8 @@ class StopRequests:
             if not data:
                 return
             for signum in data:
+                if signum not in SIGNALS:   # the fd hears every signal with a Python handler
+                    continue
                 self._count += 1
                 name = signal.Signals(signum).name
                 if self._count > 1:

@@ -253,8 +253,8 @@ exit_on_user_error(main)
 @pytest.mark.parametrize("signals, message", [
     ([signal.SIGINT], "interrupted: stopped at iteration"),
     ([signal.SIGTERM], "interrupted: stopped at iteration"),
-    ([signal.SIGINT, signal.SIGINT], "stop requested again"),
-    ([signal.SIGINT, signal.SIGTERM], "stop requested again"),
+    ([signal.SIGINT, signal.SIGINT], "again: exiting now, nothing more is saved"),
+    ([signal.SIGINT, signal.SIGTERM], "again: exiting now, nothing more is saved"),
 ])
 def test_a_signal_stops_a_graph_loop_at_its_end_and_a_second_one_at_once(signals, message,
                                                                          tmp_path):

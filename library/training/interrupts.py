@@ -27,6 +27,8 @@ from library.errors import UserError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 EXIT_CODE = 130     # what a shell reports for a process stopped by Ctrl-C (128 + SIGINT)
+# not the signal's name: MindSpore turns SIGINT into SIGTERM, so the name would mislead
+STOP = "stop requested (Ctrl-C or SIGTERM)"
 
 
 class Interrupted(UserError):
@@ -47,7 +49,6 @@ class StopRequests:
         self.enabled = enabled
         self.requested = threading.Event()
         self.training = False
-        self.signal_name = None
         self._count = 0
 
     def __enter__(self):
@@ -87,15 +88,13 @@ class StopRequests:
                 if signum not in SIGNALS:   # the fd hears every signal with a Python handler
                     continue
                 self._count += 1
-                name = signal.Signals(signum).name
                 if self._count > 1:
-                    _say(f"stop requested again ({name}): exiting now, nothing more is saved")
+                    _say(f"{STOP} again: exiting now, nothing more is saved")
                     os._exit(EXIT_CODE)
-                self.signal_name = name
                 self.requested.set()
                 if self.training:
-                    _say(f"stop requested ({name}): stopping after the current step and "
-                         "saving (Ctrl-C again exits at once without saving)")
+                    _say(f"{STOP}: stopping after the current step and saving (Ctrl-C again "
+                         "exits at once without saving)")
                 else:
-                    _say(f"stop requested ({name}): nothing is trained yet, stopping when the "
-                         "current operation returns (Ctrl-C again exits at once)")
+                    _say(f"{STOP}: nothing is trained yet, stopping when the current operation "
+                         "returns (Ctrl-C again exits at once)")

@@ -425,8 +425,8 @@ def train(plan):
     """Ctrl-C or SIGTERM stop the run after the current step, with an -interrupted save."""
     from library.training import distributed
     from library.training.interrupts import StopRequests
-    # Not under msrun yet: the ranks would stop at different steps and then wait for each other
-    # in the next collective; msrun's SIGTERM to the ranks after a failure must end them.
+    # Not under msrun: the ranks would stop at different steps and then wait for each other in
+    # the next collective (and msrun answers Ctrl-C by SIGKILLing them anyway).
     with StopRequests(enabled=not distributed.world().distributed) as stop:
         return _train(plan, stop)
 
@@ -543,8 +543,8 @@ def _train(plan, stop):
         saves.raise_if_failed(global_step)
         then = (f" and the state {state}; continue with --resume {state}" if state else
                 " (with --save_state it also saves a state folder that --resume continues)")
-        raise Interrupted(f"stopped ({stop.signal_name}) after step {global_step} of "
-                          f"{args.max_train_steps}: saved {lora}{then}")
+        raise Interrupted(f"stopped after step {global_step} of {args.max_train_steps}: saved "
+                          f"{lora}{then}")
 
     start_epoch, global_step, loss_sum, loss_count = 1, 0, 0.0, 0
     dataset = dataset_record(plan.train_group)     # what a --resume of a state is checked against

@@ -464,6 +464,10 @@ def test_a_toml_with_a_byte_order_mark_is_read_and_latin_1_is_named(tmp_path):
     cfg = tmp_path / "train.toml"
     cfg.write_bytes(b"\xef\xbb\xbfnetwork_dim = 8\n")
     assert parse_args(["--config_file", str(cfg)])[1].network_dim == 8
+    from library.generation.prompts import read_prompt_file
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes(b"\xef\xbb\xbfa cat --n dog\n")
+    assert read_prompt_file(str(prompts))[0].prompt == "a cat"
 
 
 def test_a_caption_file_with_a_byte_order_mark_or_only_whitespace(tmp_path):

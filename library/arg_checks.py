@@ -13,7 +13,8 @@ from library.errors import UserError
 
 SEED_MAX = 2 ** 32 - 1      # numpy's seeding range, which kohya's set_seed has too
 
-# (option, lowest, highest): None is open. Values may be lists (--text_encoder_lr).
+# (option, lowest, highest[, "above": the lowest itself is out]): None is open. Values may be
+# lists (--text_encoder_lr).
 TRAINER_RANGES = (
     ("learning_rate", 0, None), ("unet_lr", 0, None), ("text_encoder_lr", 0, None),
     ("max_train_epochs", 1, None), ("network_dim", 1, None), ("network_alpha", 0, None),
@@ -22,12 +23,21 @@ TRAINER_RANGES = (
     ("save_every_n_steps", 0, None), ("save_every_n_epochs", 0, None),
     ("save_last_n_steps", 0, None), ("save_last_n_epochs", 0, None),
     ("save_last_n_steps_state", 0, None), ("save_last_n_epochs_state", 0, None),
+    ("lr_warmup_steps", 0, None), ("lr_decay_steps", 0, None),
+    ("lr_scheduler_min_lr_ratio", 0, 1), ("max_data_loader_n_workers", 0, None),
+    ("lr_scheduler_power", 0, None),    # a negative power makes the polynomial LR infinite
+    # a negative gamma or discount turns the weighting or the noise inside out; a Huber c of 0
+    # makes the loss 0, so nothing would train
+    ("min_snr_gamma", 0, None), ("multires_noise_discount", 0, 1),
+    ("huber_c", 0, None, "above"), ("huber_scale", 0, None, "above"),
 )
 MERGE_RANGES = (("new_rank", 1, None), ("new_conv_rank", 1, None))
 GENERATOR_RANGES = (("seed", 0, SEED_MAX),)
 
 
-def _bounds(low, high):
+def _bounds(low, high, above):
+    if above:
+        return f"must be above {low}"
     if high is None:
         return f"must be {low} or more"
     return f"must be between {low} and {high}"
@@ -40,12 +50,14 @@ def check_numbers(args, ranges):
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if isinstance(v, float) and not math.isfinite(v):
                 raise UserError(f"--{dest} {v}: must be a finite number")
-    for dest, low, high in ranges:
+    for dest, low, high, *above in ranges:
         value = getattr(args, dest, None)
         for v in value if isinstance(value, (list, tuple)) else [value]:
-            if v is not None and (v < low or (high is not None and v > high)):
+            if v is None:
+                continue
+            if v < low or (above and v == low) or (high is not None and v > high):
                 extra = " (leave --seed out for a random one)" if dest == "seed" else ""
-                raise UserError(f"--{dest} {v}: {_bounds(low, high)}{extra}")
+                raise UserError(f"--{dest} {v}: {_bounds(low, high, above)}{extra}")
 
 
 def check_folder_can_be_made(path, option):

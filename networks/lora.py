@@ -344,12 +344,32 @@ def parse_network_args(items):
     return kwargs
 
 
+# The numbers among NETWORK_ARGS, checked at parse time (create_network converts them again as
+# it builds, after the model load): one parser per key, and the values' range.
+_NUMBER_ARGS = {
+    "conv_dim": (_int, 0, None), "conv_alpha": (_float, 0, None),
+    "rank_dropout": (_float, 0, 1), "module_dropout": (_float, 0, 1),
+    "block_dims": (_ints, 0, None), "conv_block_dims": (_ints, 0, None),
+    "block_alphas": (_floats, 0, None), "conv_block_alphas": (_floats, 0, None),
+    "block_lr_zero_threshold": (_float, 0, None), "loraplus_lr_ratio": (_float, 0, None),
+    "loraplus_unet_lr_ratio": (_float, 0, None), "loraplus_text_encoder_lr_ratio": (_float, 0, None),
+}
+
+
 def check_network_kwargs(kwargs):
     unknown = sorted(k for k in kwargs if k not in NETWORK_ARGS)
     if unknown:
         hint = (" (neuron dropout is --network_dropout)" if "dropout" in unknown else "")
         raise UserError(f"unknown network_args for networks.lora: {', '.join(unknown)}{hint}; "
                         f"valid keys: {', '.join(NETWORK_ARGS)}")
+    for key, (parse, low, high) in _NUMBER_ARGS.items():
+        if kwargs.get(key) is None:
+            continue
+        values = parse(key, kwargs[key])
+        for v in values if isinstance(values, list) else [values]:
+            if not (math.isfinite(v) and v >= low and (high is None or v < high)):
+                bound = f"in [{low}, {high})" if high is not None else f"{low} or more"
+                raise UserError(f"network_args {key}={kwargs[key]!r}: each value must be {bound}")
 
 
 def _lr_weight_preset(key, spec):

@@ -167,6 +167,12 @@ def test_temp_names_carry_the_writer_pid(tmp_path, monkeypatch):
     (["--network_dropout", "1.5"], "--network_dropout 1.5: must be between 0 and 1"),
     (["--noise_offset", "nan"], "--noise_offset nan: must be a finite number"),
     (["--save_every_n_steps", "-5"], "--save_every_n_steps -5"),
+    (["--min_snr_gamma", "-1"], "--min_snr_gamma -1.0: must be 0 or more"),
+    (["--huber_c", "0"], "--huber_c 0.0: must be above 0"),
+    (["--multires_noise_discount", "2"], "--multires_noise_discount 2.0: must be between 0 and 1"),
+    (["--lr_scheduler_power", "-1"], "--lr_scheduler_power -1.0"),
+    (["--lr_decay_steps", "-0.5"], "--lr_decay_steps -0.5: must be 0 or more"),
+    (["--max_data_loader_n_workers", "-1"], "--max_data_loader_n_workers -1"),
 ])
 def test_trainer_numbers_out_of_range(argv, fragment):
     from library.training.args import parse_args
@@ -685,3 +691,22 @@ def test_config_file_numbers_are_checked_too(tmp_path):
     cfg.write_text("[training]\nnetwork_dim = 0\n")
     with pytest.raises(UserError, match="^--network_dim 0: must be 1 or more"):
         parse_args(["--config_file", str(cfg)])
+
+
+@pytest.mark.parametrize("network_args, fragment", [
+    (["conv_dim=abc"], "network_args conv_dim='abc': expected an integer"),
+    (["conv_dim=-4"], "network_args conv_dim='-4': each value must be 0 or more"),
+    (["rank_dropout=1.5"], "network_args rank_dropout='1.5': each value must be in [0, 1)"),
+    (["conv_alpha=nan"], "network_args conv_alpha='nan'"),
+    (["block_dims=" + ",".join(["4"] * 22 + ["-1"])], "network_args block_dims="),
+])
+def test_network_args_numbers_are_checked_before_the_model_loads(tmp_path, fake_model,
+                                                                 network_args, fragment):
+    from library.training.args import parse_args
+    from library.training.loop import prepare
+    _, args = parse_args(["--pretrained_model_name_or_path", str(fake_model), "--network_module",
+                          "networks.lora", "--output_dir", str(tmp_path / "out"),
+                          "--network_args", *network_args])
+    with pytest.raises(UserError) as caught:
+        prepare(args)
+    assert str(caught.value).startswith(fragment)

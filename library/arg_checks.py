@@ -32,7 +32,13 @@ TRAINER_RANGES = (
     ("huber_c", 0, None, "above"), ("huber_scale", 0, None, "above"),
 )
 MERGE_RANGES = (("new_rank", 1, None), ("new_conv_rank", 1, None))
-GENERATOR_RANGES = (("seed", 0, SEED_MAX),)
+GENERATOR_RANGES = (
+    ("seed", 0, SEED_MAX), ("vae_batch_size", 0, None, "above"),
+    ("max_embeddings_multiples", 1, None), ("highres_fix_strength", 0, 1),
+    ("network_merge_n_models", 0, None), ("original_width", 1, None), ("original_height", 1, None),
+    ("original_width_negative", 1, None), ("original_height_negative", 1, None),
+    ("crop_top", 0, None), ("crop_left", 0, None),
+)
 
 
 def _bounds(low, high, above):

@@ -202,6 +202,13 @@ def test_zero_means_off_for_save_counts_as_in_kohya_configs():
     (["--strength", "inf"], "--strength inf"),
     (["--network_mul", "1", "nan"], "--network_mul nan"),
     (["--seed", "-2"], "--seed -2: must be between 0"),
+    (["--vae_batch_size", "0"], "--vae_batch_size 0.0: must be above 0"),
+    (["--max_embeddings_multiples", "0"], "--max_embeddings_multiples 0: must be 1 or more"),
+    (["--highres_fix_strength", "1.5"], "--highres_fix_strength 1.5: must be between 0 and 1"),
+    (["--original_width", "-5"], "--original_width -5"),
+    (["--crop_top", "-3"], "--crop_top -3: must be 0 or more"),
+    (["--network_module", "networks.lora", "--network_weights", "a.safetensors", "--network_mul",
+      "1", "0.5"], "2 --network_mul for 1 --network_weights"),
 ])
 def test_generator_numbers_out_of_range(argv, fragment):
     from library.generation.cli import check_args

@@ -66,6 +66,9 @@ def check_args(args):
         raise UserError("--network_weights needs --network_module networks.lora")
     if args.network_module and not args.network_weights:
         raise UserError("--network_module needs --network_weights (one LoRA file per module)")
+    if args.network_weights:
+        from library.generation.networks import check_counts
+        check_counts(args.network_module, args.network_weights, args.network_mul)
     for path in args.network_weights or []:
         if not os.path.isfile(path):
             raise UserError(f"LoRA file not found: {path} (--network_weights)")

@@ -572,11 +572,17 @@ def test_generator_outdir_under_a_file_is_refused_before_generating(tmp_path):
         check_args(args)
 
 
-def test_merge_save_to_in_a_missing_folder_is_refused_first(tmp_path):
+@pytest.mark.parametrize("save_to, fragment", [
+    ("missing/m.safetensors", "the folder {tmp}/missing does not exist"),
+    (".", "give a file name ending in .safetensors"),
+    ("m.ckpt", "give a file name ending in .safetensors"),
+])
+def test_merge_save_to_is_refused_before_the_merge(tmp_path, save_to, fragment):
     proc = run_tool("tools/merge_lora.py", "--models", tmp_path / "a.safetensors", "--save_to",
-                    tmp_path / "missing" / "m.safetensors", check=False)
+                    tmp_path / save_to, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert f"the folder {tmp_path / 'missing'} does not exist" in proc.stderr
+    assert fragment.format(tmp=tmp_path) in proc.stderr
+    assert os.listdir(tmp_path) == []
 
 
 # --- 5. a LoRA with NaN or inf weights --------------------------------------------------------

@@ -35,8 +35,12 @@ def main(argv=None):
             return
         if not under_msrun:
             device.configure()
+        from library.training.interrupts import Interrupted
         from library.training.loop import prepare, train
-        train(prepare(args))
+        try:
+            train(prepare(args))
+        except KeyboardInterrupt:   # Ctrl-C before the first step (library.training.interrupts)
+            raise Interrupted("stopped before training started: nothing was saved") from None
 
 
 if __name__ == "__main__":

@@ -142,7 +142,10 @@ def write_atomically(path, chunks):
     """Write byte chunks to `path` so that a crash never leaves a partial file under that name."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    # the pid lets a later run tell a killed writer's leftover from a live one's file
+    # (library.training.saving.remove_stale_temp)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=os.path.basename(path),
+                               dir=folder)
     umask = os.umask(0)
     os.umask(umask)
     try:

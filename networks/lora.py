@@ -344,12 +344,32 @@ def parse_network_args(items):
     return kwargs
 
 
+# The numbers among NETWORK_ARGS, checked at parse time (create_network converts them again as
+# it builds, after the model load): one parser per key, and the values' range.
+_NUMBER_ARGS = {
+    "conv_dim": (_int, 0, None), "conv_alpha": (_float, 0, None),
+    "rank_dropout": (_float, 0, 1), "module_dropout": (_float, 0, 1),
+    "block_dims": (_ints, 0, None), "conv_block_dims": (_ints, 0, None),
+    "block_alphas": (_floats, 0, None), "conv_block_alphas": (_floats, 0, None),
+    "block_lr_zero_threshold": (_float, 0, None), "loraplus_lr_ratio": (_float, 0, None),
+    "loraplus_unet_lr_ratio": (_float, 0, None), "loraplus_text_encoder_lr_ratio": (_float, 0, None),
+}
+
+
 def check_network_kwargs(kwargs):
     unknown = sorted(k for k in kwargs if k not in NETWORK_ARGS)
     if unknown:
         hint = (" (neuron dropout is --network_dropout)" if "dropout" in unknown else "")
         raise UserError(f"unknown network_args for networks.lora: {', '.join(unknown)}{hint}; "
                         f"valid keys: {', '.join(NETWORK_ARGS)}")
+    for key, (parse, low, high) in _NUMBER_ARGS.items():
+        if kwargs.get(key) is None:
+            continue
+        values = parse(key, kwargs[key])
+        for v in values if isinstance(values, list) else [values]:
+            if not (math.isfinite(v) and v >= low and (high is None or v < high)):
+                bound = f"in [{low}, {high})" if high is not None else f"{low} or more"
+                raise UserError(f"network_args {key}={kwargs[key]!r}: each value must be {bound}")
 
 
 def _lr_weight_preset(key, spec):
@@ -956,7 +976,23 @@ def load_lora_file(path, unet_config=None):
     sd = {k: np.asarray(st.get(k)) for k in st.keys()}
     if not sd:
         raise UserError(f"{path} holds no tensors: it is not a LoRA")
+    refuse_non_finite(path, sd)
     return convert_to_kohya_keys(sd, st.metadata, unet_config), st.metadata
+
+
+def refuse_non_finite(path, tensors=None):
+    """A LoRA with NaN or infinite weights (saved by a diverged run) gives black images or a NaN
+    loss at once: refuse it, naming the first bad tensor. `tensors`: {key: array}, else read."""
+    if tensors is None:
+        from library.models.checkpoint import refuse_pickle
+        refuse_pickle(path)
+        st = SafetensorsFile(path)
+        tensors = {k: np.asarray(st.get(k)) for k in st.keys()}
+    for key in sorted(tensors):
+        value = tensors[key]
+        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            raise UserError(f"{path}: tensor {key} holds NaN or infinite values, so this LoRA "
+                            "cannot be used (it was saved by a run whose weights diverged)")
 
 
 # --- key styles ---

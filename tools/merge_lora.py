@@ -145,6 +145,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     def run():
+        from library.arg_checks import MERGE_RANGES, check_numbers
+        check_numbers(args, MERGE_RANGES)
+        folder = os.path.dirname(os.path.abspath(args.save_to))
+        if not os.path.isdir(folder):
+            raise UserError(f"--save_to {args.save_to}: the folder {folder} does not exist")
+        if os.path.isdir(args.save_to) or not args.save_to.endswith(".safetensors"):
+            # kohya picks the format by the suffix (anything else is a pickle): say so first
+            raise UserError(f"--save_to {args.save_to}: give a file name ending in .safetensors")
         return merge(args)
 
     return exit_on_user_error(run)

@@ -430,7 +430,12 @@ def build_latent_cache(group, encode, model_id, to_disk=False, batch_size=1, ski
         path = latents_path(record)
         cache._index[cache._lookup(record)] = (path, eid, key_json)
         wanted.setdefault(path, set()).add(eid)
-        if eid in todo or eid in cache._memory:
+        if eid in todo:
+            # a byte-identical image (copied into several repeat folders): its latent is the
+            # entry of the first copy, read from that copy's file
+            cache._index[cache._lookup(record)] = (todo[eid][2], eid, key_json)
+            continue
+        if eid in cache._memory:
             continue
         if to_disk:
             if path not in files:

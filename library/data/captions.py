@@ -138,11 +138,11 @@ def read_caption_file(image_path, extension, enable_wildcard):
         if not os.path.isfile(path):
             continue
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:    # -sig: no BOM in the caption
                 lines = f.readlines()
         except UnicodeDecodeError:
             raise UserError(f"caption file {path} is not UTF-8 text; re-save it as UTF-8") from None
-        if not lines:
+        if not any(line.strip() for line in lines):     # whitespace only is empty too
             raise UserError(f"caption file {path} is empty; write a caption or delete the file")
         if enable_wildcard:
             return "\n".join(line.strip() for line in lines if line.strip())

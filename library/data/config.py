@@ -211,12 +211,12 @@ def load_config_file(path):
     if not os.path.isfile(path):
         raise UserError(f"dataset config {path} not found")
     lower = path.lower()
+    from library.generation.prompts import read_utf8
     try:
         if lower.endswith(".toml"):
-            return toml.load(path)
+            return toml.loads(read_utf8(path, "dataset config"))
         if lower.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
+            return json.loads(read_utf8(path, "dataset config"))
     except (toml.TomlDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"dataset config {path} is not valid {'TOML' if lower.endswith('.toml') else 'JSON'}: {e}") from None
     raise UserError(f"dataset config {path}: unsupported format; use a .toml or .json file")

@@ -387,21 +387,51 @@ def _txt_hint(subset, paths):
     return ""
 
 
+def _check_metadata_entries(metadata, path, where):
+    """Each entry a table with a text `caption` or `tags` (kohya fails later with an
+    AttributeError on a number, and trains an entry with neither on an empty caption)."""
+    for key, entry in metadata.items():
+        if not isinstance(entry, dict):
+            raise UserError(f"{where}: metadata_file {path}, entry {key!r}: expected an object "
+                            f"with \"caption\" and/or \"tags\", got {entry!r}")
+        for field in ("caption", "tags"):
+            value = entry.get(field)
+            if value is not None and not isinstance(value, str):
+                raise UserError(f"{where}: metadata_file {path}, entry {key!r}: \"{field}\" "
+                                f"should be text, got {value!r}")
+        if not (entry.get("caption") or "").strip() and not (entry.get("tags") or "").strip():
+            raise UserError(f"{where}: metadata_file {path}, entry {key!r} has neither a "
+                            "caption nor tags; add one or remove the entry")
+
+
+def _warn_unlisted_images(subset, listed, path):
+    """Images in image_dir that the metadata does not name are not trained (as kohya), which a
+    user who added images and forgot to re-run the tagger does not expect."""
+    unlisted = [os.path.basename(p) for p in images.list_images(subset.image_dir)
+                if os.path.normpath(p) not in listed]
+    if unlisted:
+        logger.warning("%s: %d image(s) in %s have no entry in %s and are not trained: %s%s",
+                       subset.where, len(unlisted), subset.image_dir, path, ", ".join(unlisted[:5]),
+                       " ..." if len(unlisted) > 5 else "")
+
+
 def _finetune_entries(subset, sized, tag_texts=None):
     path = subset.metadata_file
     if not os.path.isfile(path):
         raise UserError(f"{subset.where}: metadata_file {path} not found")
+    from library.generation.prompts import read_utf8
+    text = read_utf8(path, f"{subset.where}: metadata_file")
     try:
-        with open(path, encoding="utf-8") as f:
-            if path.lower().endswith(".jsonl"):
-                rows = [json.loads(line) for line in f if line.strip()]
-                metadata = {r["image_path"]: r for r in rows}
-            else:
-                metadata = json.load(f)
-    except (json.JSONDecodeError, KeyError) as e:
+        if path.lower().endswith(".jsonl"):
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            metadata = {r["image_path"]: r for r in rows}
+        else:
+            metadata = json.loads(text)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise UserError(f"{subset.where}: metadata_file {path} is not valid kohya metadata: {e}") from None
     if not isinstance(metadata, dict) or not metadata:
         raise UserError(f"{subset.where}: metadata_file {path} has no image entries")
+    _check_metadata_entries(metadata, path, subset.where)
     if subset.image_dir is not None and not os.path.isdir(subset.image_dir):
         raise UserError(f"{subset.where}: image_dir {subset.image_dir} does not exist or is not a directory")
     resolved, missing = [], []
@@ -420,6 +450,8 @@ def _finetune_entries(subset, sized, tag_texts=None):
         raise UserError(f"{subset.where}: {len(missing)} entries of {path} have no image file: {shown}. Metadata "
                         f"keys must be image paths with their extension (kohya's merge scripts write bare stems "
                         f"unless --full_path)")
+    if subset.image_dir is not None:
+        _warn_unlisted_images(subset, {os.path.normpath(p) for _, p in resolved}, path)
     sizes = dict(sized([p for _, p in resolved]))
     sep = subset.caption.caption_separator
     if tag_texts is not None:

@@ -4,6 +4,7 @@ Plain PIL and numpy. Arrays are uint8 HWC (RGB, or RGBA when an alpha mask is wa
 `to_chw_float` turns one into the model's CHW float32 in [-1, 1].
 """
 
+import logging
 import os
 
 import numpy as np
@@ -37,9 +38,17 @@ def is_image_file(name):
 
 
 def list_images(directory):
-    """The image files directly inside `directory` (not recursive, like kohya), sorted by path."""
-    return sorted(os.path.join(directory, n) for n in os.listdir(directory)
-                  if is_image_file(n) and os.path.isfile(os.path.join(directory, n)))
+    """The image files directly inside `directory` (not recursive, like kohya), sorted by path.
+    A symlink to a missing file is left out with a warning (kohya skips it silently)."""
+    names = [n for n in os.listdir(directory) if is_image_file(n)]
+    dangling = sorted(n for n in names if os.path.islink(os.path.join(directory, n))
+                      and not os.path.exists(os.path.join(directory, n)))
+    if dangling:
+        logging.getLogger(__name__).warning(
+            "%s: %d image link(s) point to a missing file and are left out: %s%s", directory,
+            len(dangling), ", ".join(dangling[:5]), " ..." if len(dangling) > 5 else "")
+    return sorted(os.path.join(directory, n) for n in names
+                  if os.path.isfile(os.path.join(directory, n)))
 
 
 def image_size(path):
@@ -57,6 +66,15 @@ def image_size(path):
     return w, h
 
 
+def _as_8_bit(im):
+    """16-bit grayscale (PNG mode I;16) scaled to 8 bits: PIL's own conversion clips every value
+    above 255, so such an image would train as a white square (kohya has this bug)."""
+    if im.mode not in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return im
+    wide = np.asarray(im, dtype=np.uint32)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+
+
 def load_image(path, alpha=False):
     """Decode to uint8 HWC: RGB, or RGBA when `alpha` (an image without alpha gets A=255).
 
@@ -66,6 +84,7 @@ def load_image(path, alpha=False):
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
+            im = _as_8_bit(im)
             mode = "RGBA" if alpha else "RGB"
             if im.mode != mode:
                 im = im.convert(mode)

@@ -19,6 +19,7 @@ batches are identical with 0, 1 or N workers.
 import collections
 import multiprocessing
 import os
+import signal
 
 from library.data.dataset import load_sample, sample_rng
 from library.data.images import to_chw_float
@@ -31,6 +32,14 @@ def _load_batch(task, latent_cache=None):
     return [load_sample(rec, config, sample_rng(seed, epoch, batch_index, slot), epoch, step, max_train_steps,
                         latent_cache)
             for slot, rec in enumerate(records)]
+
+
+def _ignore_sigint():
+    # Ctrl-C in a terminal reaches the whole process group: the workers leave it to the main
+    # process, which stops after the current step and saves (library.training.interrupts);
+    # a worker killed by it would leave its batch unfinished and the main process waiting.
+    # (SIGTERM stays default: Pool.terminate stops the workers with it.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def batches_per_rank(num_batches, world_size):
@@ -142,7 +151,8 @@ class BatchLoader:
     def _parallel(self, tasks):
         """Ordered results with at most `prefetch` batches in flight, so memory stays bounded."""
         if self._pool is None:
-            self._pool = multiprocessing.get_context("spawn").Pool(self.num_workers)
+            self._pool = multiprocessing.get_context("spawn").Pool(
+                self.num_workers, initializer=_ignore_sigint)
         pending = collections.deque()
         for index, task in tasks:
             pending.append((index, self._pool.apply_async(_load_batch, (task,))))

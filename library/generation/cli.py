@@ -45,6 +45,9 @@ def check_args(args):
     """Option-level checks that need no model."""
     if not args.ckpt:
         raise UserError("--ckpt is required: an SDXL .safetensors file, a diffusers folder or a hub id")
+    from library.arg_checks import GENERATOR_RANGES, check_folder_can_be_made, check_numbers
+    check_numbers(args, GENERATOR_RANGES)
+    check_folder_can_be_made(args.outdir, "--outdir")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 are exclusive")
     if args.static_shapes and args.no_compile:
@@ -65,9 +68,14 @@ def check_args(args):
         raise UserError("--network_weights needs --network_module networks.lora")
     if args.network_module and not args.network_weights:
         raise UserError("--network_module needs --network_weights (one LoRA file per module)")
+    if args.network_weights:
+        from library.generation.networks import check_counts
+        check_counts(args.network_module, args.network_weights, args.network_mul)
     for path in args.network_weights or []:
         if not os.path.isfile(path):
             raise UserError(f"LoRA file not found: {path} (--network_weights)")
+        from networks.lora import refuse_non_finite
+        refuse_non_finite(path)     # before the model load, not after
     if args.vae and not os.path.exists(args.vae):
         raise UserError(f"--vae: not found: {args.vae}")
     if args.image_path and not os.path.exists(args.image_path):

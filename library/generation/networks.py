@@ -49,21 +49,29 @@ def resolve_muls(muls, defaults):
     return muls + [muls[-1]] * (len(defaults) - len(muls))
 
 
+def check_counts(modules, weights, muls):
+    """(modules, muls) with one entry per weights file, or a UserError naming the options (also
+    called by cli.check_args, before the model load)."""
+    weights = list(weights or [])
+    if not weights:
+        raise UserError("--network_module needs --network_weights (one file per network)")
+    modules = list(modules or [])
+    if len(modules) == 1 and len(weights) > 1:
+        modules = modules * len(weights)
+    if len(modules) != len(weights):
+        raise UserError(f"{len(modules)} --network_module for {len(weights)} --network_weights: "
+                        "give one module per weights file (or one for all)")
+    muls = [1.0] * len(weights) if not muls else list(muls)
+    if len(muls) != len(weights):
+        raise UserError(f"{len(muls)} --network_mul for {len(weights)} --network_weights")
+    return modules, muls
+
+
 class GenerationNetworks:
     def __init__(self, models, modules, weights, muls=None, merge=False, merge_n_models=None,
                  pre_calc=False, network_args=None):
         weights = list(weights or [])
-        if not weights:
-            raise UserError("--network_module needs --network_weights (one file per network)")
-        modules = list(modules or [])
-        if len(modules) == 1 and len(weights) > 1:
-            modules = modules * len(weights)
-        if len(modules) != len(weights):
-            raise UserError(f"{len(modules)} --network_module for {len(weights)} --network_weights: "
-                            "give one module per weights file (or one for all)")
-        muls = [1.0] * len(weights) if not muls else list(muls)
-        if len(muls) != len(weights):
-            raise UserError(f"{len(muls)} --network_mul for {len(weights)} --network_weights")
+        modules, muls = check_counts(modules, weights, muls)
         for path in weights:
             if not os.path.isfile(path):
                 raise UserError(f"LoRA file not found: {path}")

@@ -109,15 +109,16 @@ def parse_prompt_line(raw, where="prompt"):
 
 
 def read_utf8(path, what):
-    """The text of a UTF-8 file; a UserError naming `what` (e.g. "prompt file") and the path if
-    it cannot be read or decoded."""
+    """The text of a UTF-8 file, without the byte-order mark Windows editors put first; a
+    UserError naming `what` (e.g. "prompt file") and the path if it cannot be read or decoded."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return f.read()
     except OSError as e:
         raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
     except UnicodeDecodeError as e:
-        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        "re-save it as UTF-8") from None
 
 
 def read_prompt_file(path):

@@ -268,7 +268,10 @@ def _check_config_value(action, key, value, path):
     if not ok:
         raise UserError(f"{path}: `{key} = {value!r}` should be {expected}")
     if action.type is int_or_float:
-        return int_or_float(value)
+        try:
+            return int_or_float(value)
+        except UserError as e:
+            raise UserError(f"{path}: `{key} = {value!r}`: {e}") from None
     return value
 
 
@@ -279,8 +282,9 @@ def apply_config_file(parser, args, argv):
         path = path + ".toml"   # kohya appends the suffix when it is missing
     if not os.path.isfile(path):
         raise UserError(f"--config_file {path} not found")
+    from library.generation.prompts import read_utf8
     try:
-        values = _flatten(toml.load(path))
+        values = _flatten(toml.loads(read_utf8(path, "--config_file")))
     except toml.TomlDecodeError as e:
         raise UserError(f"--config_file {path} is not valid TOML: {e}") from None
     actions = {a.dest: a for a in parser._actions}
@@ -317,4 +321,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.config_file and not args.output_config:
         args = apply_config_file(parser, args, argv)
+    from library.arg_checks import TRAINER_RANGES, check_numbers
+    check_numbers(args, TRAINER_RANGES)
     return parser, args

@@ -4,6 +4,7 @@
     <name>-000003.safetensors           after epoch 3 (else "epoch-000003")
     <name>-step00000100.safetensors     after step 100 (else "at-step00000100")
     <name>-state, <name>-000003-state, <name>-step00000100-state   the matching state folders
+    <name>-interrupted.safetensors, <name>-interrupted-state         (this port) after Ctrl-C
 """
 
 DEFAULT_LAST_NAME, DEFAULT_EPOCH_NAME, DEFAULT_STEP_NAME = "last", "epoch", "at"
@@ -48,3 +49,12 @@ def epoch_to_remove(args, epoch, keep):
         return None
     stale = epoch - args.save_every_n_epochs * keep
     return stale if stale > 0 else None
+
+
+def interrupted_name(args):
+    """What a run stopped by Ctrl-C / SIGTERM saves (library.training.interrupts)."""
+    return f"{args.output_name or DEFAULT_LAST_NAME}-interrupted.safetensors"
+
+
+def interrupted_state_name(args):
+    return f"{args.output_name or DEFAULT_LAST_NAME}-interrupted-state"

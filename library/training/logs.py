@@ -7,6 +7,7 @@ PIL at the end, so there is no plotting dependency.
 """
 
 import json
+import logging
 import os
 import time
 
@@ -18,6 +19,7 @@ class RunLog:
         self.jsonl_path = jsonl_path
         self.losses = []
         self._file = open(jsonl_path, "a", encoding="utf-8")
+        self._write_failed = False
         self._writer = None
         if tensorboard_dir:
             from tensorboardX import SummaryWriter
@@ -39,27 +41,38 @@ class RunLog:
 
     def event(self, kind, **fields):
         """A non-scalar record (a compile, a save, the run's end) in the JSON-lines log."""
-        self._file.write(json.dumps({"event": kind, "time": time.time(), **fields}) + "\n")
-        self._file.flush()
+        self._write({"event": kind, "time": time.time(), **fields})
+
+    def _write(self, record):
+        # A full disk must not end the run from here: the saves report it, with what to do.
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as e:
+            if not self._write_failed:
+                logging.getLogger(__name__).warning(
+                    f"could not write to {self.jsonl_path}: {e.strerror or e}; the run goes on")
+            self._write_failed = True
 
     def step(self, step, scalars):
         self.losses.append(scalars["loss/current"])
-        self._file.write(json.dumps({"step": step, **scalars}) + "\n")
-        self._file.flush()
+        self._write({"step": step, **scalars})
         if self._writer is not None:
             for key, value in scalars.items():
                 self._writer.add_scalar(key, value, step)
 
     def epoch(self, epoch, scalars):
         """Per-epoch scalars (kohya logs them against the epoch number, 1-based)."""
-        self._file.write(json.dumps({"epoch": epoch, **scalars}) + "\n")
-        self._file.flush()
+        self._write({"epoch": epoch, **scalars})
         if self._writer is not None:
             for key, value in scalars.items():
                 self._writer.add_scalar(key, value, epoch)
 
     def close(self):
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:     # its last buffered line did not fit; _write has said so
+            pass
         if self._writer is not None:
             self._writer.close()
 

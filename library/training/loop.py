@@ -39,6 +39,10 @@ def _check_output_dir(path):
         os.unlink(probe)
     except OSError as e:
         raise UserError(f"--output_dir {path} is not writable: {e.strerror}") from None
+    from library.training.samples import SAMPLE_DIR
+    from library.training.saving import remove_stale_temp
+    for folder in (path, os.path.join(path, SAMPLE_DIR)):
+        remove_stale_temp(folder)
 
 
 def _check_model_path(value):
@@ -130,7 +134,16 @@ def prepare(args):
         raise UserError(f"--vae {args.vae}: file not found")
     if args.network_weights and not os.path.isfile(args.network_weights):
         raise UserError(f"--network_weights {args.network_weights}: file not found")
+    if args.network_weights:
+        from networks.lora import refuse_non_finite
+        refuse_non_finite(args.network_weights)    # before the model load, not after
     _check_output_dir(args.output_dir)
+    from library.arg_checks import check_folder_can_be_made
+    if args.output_name and os.path.basename(args.output_name) != args.output_name:
+        raise UserError(f"--output_name {args.output_name}: a file name, not a path; put the "
+                        "folder in --output_dir")
+    if args.logging_dir:
+        check_folder_can_be_made(args.logging_dir, "--logging_dir")
 
     check_optimizer_options(args.optimizer_type, args.optimizer_args,
                             use_lion_optimizer=args.use_lion_optimizer)
@@ -197,6 +210,10 @@ def prepare(args):
     if resume is not None:
         from library.training.state import check_compatible
         check_compatible(resume, args.resume, args, world.size)
+        if "dataset" in resume:     # states saved before it was recorded have none
+            from library.data.fingerprint import dataset_changes
+            for line in dataset_changes(resume["dataset"], train_group, resume["data_position"]):
+                logger.warning(line)
     return Plan(args, train_group, val_group, noise_options, loss_options, schedule_options,
                 net_kwargs, per_epoch, num_epochs, resume, bucket_cap)
 
@@ -410,6 +427,16 @@ def build_training(plan, models):
 
 
 def train(plan):
+    """Ctrl-C or SIGTERM stop the run after the current step, with an -interrupted save."""
+    from library.training import distributed
+    from library.training.interrupts import StopRequests
+    # Not under msrun: the ranks would stop at different steps and then wait for each other in
+    # the next collective (and msrun answers Ctrl-C by SIGKILLing them anyway).
+    with StopRequests(enabled=not distributed.world().distributed) as stop:
+        return _train(plan, stop)
+
+
+def _train(plan, stop):
     import mindspore as ms
     from tqdm import tqdm
     from library.training import filenames as names
@@ -418,12 +445,17 @@ def train(plan):
     from library.training.loss_scale import LossScaleWatch
     from library.training.run_metadata import at_save, run_metadata
     from library.training import distributed
+    from library.data.fingerprint import dataset_record
+    from library.training.interrupts import Interrupted
     from library.training.samples import TrainingSampler
+    from library.training.saving import SaveGroup, warn_if_caches_short, warn_if_disk_short
     from library.training.state import load_state, remove_state, save_state
     from library.training.validation import Validation
 
     args = plan.args
     world = distributed.init()
+    if world.is_main and (args.cache_latents_to_disk or args.cache_text_encoder_outputs_to_disk):
+        warn_if_caches_short(args, plan)
     t = build_training(plan, load_models(args))
     network, groups, built, schedule = t.network, t.groups, t.optimizer, t.schedule
     assembler, loader = t.assembler, t.loader
@@ -447,16 +479,21 @@ def train(plan):
     validation = Validation(plan, t, compile=not args.pynative, log=log)
     save_dtype = {None: None, "float": "float32", "fp16": "float16", "bf16": "bfloat16"}[
         args.save_precision]
+    if world.is_main:
+        warn_if_disk_short(args, plan, trainable, t.apply_step, save_dtype, sample.prompts)
 
-    def save(filename, step, epoch):
+    # Each save below is attempted in a SaveGroup (library.training.saving): a full disk fails
+    # it with one message, and the other saves of that step are still tried before the stop.
+    def save(filename, step, epoch, saves):
         path = os.path.join(args.output_dir, filename)
         distributed.check_replicas(world, trainable, step, log)
         if not world.is_main:
             return path
-        network.save_weights(path, dtype=save_dtype,
-                             metadata=at_save(metadata, step, epoch, args.no_metadata))
-        log.event("save", path=path, step=step, epoch=epoch)
-        return path
+        if saves.attempt(path, lambda: network.save_weights(
+                path, dtype=save_dtype, metadata=at_save(metadata, step, epoch, args.no_metadata))):
+            log.event("save", path=path, step=step, epoch=epoch)
+            return path
+        return None
 
     def remove(filename):
         path = os.path.join(args.output_dir, filename)
@@ -464,15 +501,18 @@ def train(plan):
             os.unlink(path)
             log.event("remove", path=path)
 
-    def save_training_state(folder_name, epoch):
-        if not world.is_main:   # the ranks' weights were compared by the save just before
-            return
+    def save_training_state(folder_name, epoch, saves):
         path = os.path.join(args.output_dir, folder_name)
-        save_state(path, trainable, t.apply_step, {
-            "current_epoch": epoch, "current_step": global_step, "seed": args.seed,
-            "data_position": loader.state_dict(), "max_train_steps": args.max_train_steps,
-            "loss_sum": loss_sum, "loss_count": loss_count, "world_size": world.size})
-        log.event("save_state", path=path, step=global_step, epoch=epoch)
+        if not world.is_main:   # the ranks' weights were compared by the save just before
+            return path
+        if saves.attempt(path, lambda: save_state(path, trainable, t.apply_step, {
+                "current_epoch": epoch, "current_step": global_step, "seed": args.seed,
+                "data_position": loader.state_dict(), "max_train_steps": args.max_train_steps,
+                "loss_sum": loss_sum, "loss_count": loss_count, "world_size": world.size,
+                "dataset": dataset})):
+            log.event("save_state", path=path, step=global_step, epoch=epoch)
+            return path
+        return None
 
     def remove_training_state(folder_name):
         path = os.path.join(args.output_dir, folder_name)
@@ -481,18 +521,34 @@ def train(plan):
 
     def save_due(number, epoch, file_name, state_name, to_remove, keep, keep_state):
         """A step or epoch save (`number`: the step or the epoch), its state folder with
-        --save_state, and the older ones --save_last_n_* (_state) let go, as kohya."""
-        save(file_name(args, number), global_step, epoch)
+        --save_state, and the older ones --save_last_n_* (_state) let go, as kohya (not when
+        the new one failed: the older one is then the newest there is)."""
+        saves = SaveGroup()
         stale = to_remove(args, number, keep)
-        if stale:
+        if save(file_name(args, number), global_step, epoch, saves) and stale:
             remove(file_name(args, stale))
         if args.save_state:
-            save_training_state(state_name(args, number), epoch)
             stale = to_remove(args, number, keep_state or keep)
-            if stale:
+            if save_training_state(state_name(args, number), epoch, saves) and stale:
                 remove_training_state(state_name(args, stale))
+        saves.raise_if_failed(global_step)
+
+    def save_interrupted(epoch):
+        """After Ctrl-C / SIGTERM: this step's LoRA and, with --save_state, a state that
+        --resume continues exactly; then the run ends with exit code 130."""
+        saves = SaveGroup()
+        lora = save(names.interrupted_name(args), global_step, epoch, saves)
+        state = None
+        if args.save_state or args.save_state_on_train_end:
+            state = save_training_state(names.interrupted_state_name(args), epoch, saves)
+        saves.raise_if_failed(global_step)
+        then = (f" and the state {state}; continue with --resume {state}" if state else
+                " (with --save_state it also saves a state folder that --resume continues)")
+        raise Interrupted(f"stopped after step {global_step} of {args.max_train_steps}: saved "
+                          f"{lora}{then}")
 
     start_epoch, global_step, loss_sum, loss_count = 1, 0, 0.0, 0
+    dataset = dataset_record(plan.train_group)     # what a --resume of a state is checked against
     if plan.resume is not None:
         # before any step graph runs: compiled functions do not see later host-side writes
         record = load_state(args.resume, trainable, t.apply_step)
@@ -520,6 +576,7 @@ def train(plan):
     bar = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", smoothing=0,
                dynamic_ncols=True, disable=not world.is_main)
     epoch = start_epoch - 1
+    stop.training = True    # a signal from here on asks for a stop at the end of the step
     try:
         if global_step == 0:
             sample(0, 0)   # --sample_at_first (a resumed run does not sample first, as kohya)
@@ -576,6 +633,8 @@ def train(plan):
                              args.save_last_n_steps_state)
                 if global_step >= args.max_train_steps:
                     break
+                if stop.requested.is_set():
+                    save_interrupted(epoch)
             validation.at_epoch(epoch, global_step, loss_sum / loss_count)
             if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 \
                     and epoch < plan.num_epochs:
@@ -585,16 +644,21 @@ def train(plan):
             sample(global_step, epoch)
             if global_step >= args.max_train_steps:
                 break
+        saves = SaveGroup()
         if args.save_state or args.save_state_on_train_end:
-            save_training_state(names.last_state_name(args), epoch)
-        final = save(names.last_name(args), global_step, epoch)
+            save_training_state(names.last_state_name(args), epoch, saves)
+        final = save(names.last_name(args), global_step, epoch, saves)
+        saves.raise_if_failed(global_step)
     finally:
         bar.close()
         loader.close()
         validation.close()
         if log.losses and world.is_main:
-            draw_loss_curve(log.losses, os.path.join(args.output_dir, f"{name}_loss.png"),
-                            title=f"{name}: loss per step")
+            try:
+                draw_loss_curve(log.losses, os.path.join(args.output_dir, f"{name}_loss.png"),
+                                title=f"{name}: loss per step")
+            except OSError as e:    # a full disk: the reason the run ends is reported already
+                logger.warning(f"could not write the loss curve: {e.strerror or e}")
         if plan.bucket_cap is not None:
             log.event("bucket_cap_savings", estimated_compile_seconds_saved=(
                 plan.bucket_cap.estimated_seconds_saved(

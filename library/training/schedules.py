@@ -14,6 +14,7 @@ advances `num_processes` times per optimizer step (accelerate's AcceleratedSched
 process); warm-up and decay fractions are fractions of that number.
 """
 
+import argparse
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -28,6 +29,10 @@ SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wi
 POLYNOMIAL_LR_END = 1e-7
 
 
+class _NotAStepCount(UserError, argparse.ArgumentTypeError):
+    """Also an ArgumentTypeError, so that argparse names the option it was given to."""
+
+
 def int_or_float(value: str):
     """kohya's parser type for --lr_warmup_steps / --lr_decay_steps: "10" -> 10 steps,
     "0.1" or "10%" -> a fraction of the training steps; "1.0" and other floats >= 1 are errors."""
@@ -38,7 +43,7 @@ def int_or_float(value: str):
         number = float(text)
         return int(text) if number >= 1 else number
     except ValueError:
-        raise UserError(f"{value!r} is neither a step count (an integer) nor a fraction "
+        raise _NotAStepCount(f"{value!r} is neither a step count (an integer) nor a fraction "
                         f"(a number below 1, or a percentage like 10%)") from None
 
 

@@ -64,7 +64,7 @@ def save_state(folder, trainable, apply_step, progress):
     """
     network, optimizer = state_parameters(trainable, apply_step)
     parent = os.path.dirname(os.path.abspath(folder))
-    tmp = os.path.join(parent, f".tmp-{os.path.basename(folder)}-{os.getpid()}")
+    tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.path.basename(folder)}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     try:

@@ -169,8 +169,11 @@ def prepare(args):
     check_cache_options(args, [g for g in (train_group, val_group) if g is not None])
     check_sample_options(args)
     check_validation_options(args, val_group)
-    masked = bool(args.masked_loss or args.alpha_mask or any(
-        s.alpha_mask for ds in train_group.datasets for s, _, _ in ds.subset_images))
+    # as kohya, any mask (alpha_mask, or mask images with --masked_loss) masks the loss
+    masked = any(s.masked for ds in train_group.datasets for s, _, _ in ds.subset_images)
+    if args.masked_loss and not masked:
+        logger.warning("--masked_loss: no subset has mask images (conditioning_data_dir) or alpha_mask, "
+                       "so nothing is masked (as in kohya)")
     loss_options = LossOptions(
         loss_type=args.loss_type, huber_schedule=args.huber_schedule, huber_c=args.huber_c,
         huber_scale=args.huber_scale, masked=masked, min_snr_gamma=args.min_snr_gamma,

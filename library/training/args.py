@@ -60,7 +60,6 @@ UNSUPPORTED = {
     "initial_epoch": "start-position options are not supported yet",
     "initial_step": "start-position options are not supported yet",
     "skip_until_initial_step": "start-position options are not supported yet",
-    "use_8bit_adam": "8-bit optimizers need bitsandbytes (CUDA); use AdamW",
     "fused_backward_pass": "not used by LoRA training",
     "lr_scheduler_type": "custom scheduler classes are not supported; use --lr_scheduler",
     "lr_scheduler_args": "custom scheduler classes are not supported; use --lr_scheduler",
@@ -165,6 +164,8 @@ def _add_training_arguments(a):
     a("--optimizer_type", type=str, default="")
     a("--optimizer_args", type=str, nargs="*", default=None)
     a("--use_lion_optimizer", action="store_true")
+    a("--use_8bit_adam", action="store_true",
+      help="kohya's old spelling of --optimizer_type AdamW8bit (run with 32-bit state, see README)")
     a("--learning_rate", type=float, default=2e-6)
     a("--max_grad_norm", type=float, default=1.0)
     a("--lr_scheduler", type=str, default="constant", choices=SCHEDULERS)

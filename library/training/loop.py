@@ -127,7 +127,7 @@ def prepare(args):
         raise UserError(f"--network_weights {args.network_weights}: file not found")
     _check_output_dir(args.output_dir)
 
-    check_optimizer_options(args.optimizer_type, args.optimizer_args,
+    check_optimizer_options(args.optimizer_type, args.optimizer_args, args.use_8bit_adam,
                             use_lion_optimizer=args.use_lion_optimizer)
     net_kwargs = parse_network_args(args.network_args)
     check_network_kwargs(net_kwargs)
@@ -377,7 +377,8 @@ def build_training(plan, models):
         raise UserError("no parameter has a learning rate above 0: check --unet_lr, "
                         "--text_encoder_lr and --learning_rate")
     built = build_optimizer(groups, args.learning_rate, args.optimizer_type, args.optimizer_args,
-                            args.lr_scheduler, use_lion_optimizer=args.use_lion_optimizer)
+                            args.lr_scheduler, use_8bit_adam=args.use_8bit_adam,
+                            use_lion_optimizer=args.use_lion_optimizer)
     schedule_options = plan.schedule_options
     if built.lr_scheduler != schedule_options.lr_scheduler:
         schedule_options = type(schedule_options)(**{**schedule_options.__dict__,
@@ -433,7 +434,7 @@ def train(plan):
 
     te_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
     metadata = run_metadata(args, plan.train_group, plan.val_group,
-                            f"{built.kohya_name}({built.kohya_args})", plan.net_kwargs,
+                            built.ss_optimizer, plan.net_kwargs,
                             plan.num_epochs, len(loader), te_lr, args.unet_lr)
     name = args.output_name or names.DEFAULT_LAST_NAME
     # data parallel: rank 0 writes every file; the other ranks train and log nowhere

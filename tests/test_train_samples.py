@@ -143,6 +143,10 @@ def test_sample_option_checks(tmp_path, caplog):
     with pytest.raises(UserError, match="nope.txt"):
         check_sample_options(args_of(sample_prompts=str(tmp_path / "nope.txt"),
                                      sample_at_first=True))
+    tall = write(tmp_path / "tall.txt", "a --w 832 --h 1208\n")    # a multiple of 8, not of 32
+    with pytest.raises(UserError, match=r"tall.txt, prompt 1: --w/--h 832x1208: width and height "
+                                        r"must be positive multiples of 32 for SDXL \(e.g. 832x1184\)"):
+        check_sample_options(args_of(sample_prompts=tall, sample_at_first=True))
 
 
 def test_options_are_defined_with_kohyas_defaults():

@@ -61,7 +61,8 @@ UNSUPPORTED = {
     "initial_step": "start-position options are not supported yet",
     "skip_until_initial_step": "start-position options are not supported yet",
     "fused_backward_pass": "not used by LoRA training",
-    "lr_scheduler_type": "custom scheduler classes are not supported; use --lr_scheduler",
+    "lr_scheduler_type": "custom scheduler classes are not supported; use --lr_scheduler "
+                         "(constant, linear, cosine, cosine_with_restarts, polynomial, ...)",
     "lr_scheduler_args": "custom scheduler classes are not supported; use --lr_scheduler",
     "zero_terminal_snr": "not supported yet",
     "scale_weight_norms": "not supported yet",
@@ -91,14 +92,40 @@ UNSUPPORTED = {
 }
 
 
+# torch.optim.lr_scheduler classes a --lr_scheduler_type names, and the kohya schedule that is the
+# same curve (kohya builds these through transformers' get_scheduler)
+_TORCH_SCHEDULERS = {"cosineannealinglr": "cosine", "linearlr": "linear", "constantlr": "constant",
+                     "cosineannealingwarmrestarts": "cosine_with_restarts",
+                     "polynomiallr": "polynomial"}
+
+# Options that are in no kohya parser but that kohya's own docs print (docs/sdxl_train_network.md)
+NOT_KOHYA_OPTIONS = {
+    "text_encoder_lr1": "use --text_encoder_lr TE1_LR TE2_LR (one value for both text encoders)",
+    "text_encoder_lr2": "use --text_encoder_lr TE1_LR TE2_LR (one value for both text encoders)",
+}
+
+
+def unsupported_message(option, dest, values=None):
+    """What to tell a user who passes an UNSUPPORTED or NOT_KOHYA_OPTIONS option."""
+    if dest in NOT_KOHYA_OPTIONS:
+        return (f"{option} is not an option of kohya's sdxl_train_network.py either (its SDXL "
+                f"document shows it): {NOT_KOHYA_OPTIONS[dest]}")
+    first = values[0] if isinstance(values, list) and values else values
+    if dest == "lr_scheduler_type" and isinstance(first, str):
+        same = _TORCH_SCHEDULERS.get(first.rsplit(".", 1)[-1].lower())
+        if same:
+            return (f"{option} {first}: custom scheduler classes are not supported; "
+                    f"--lr_scheduler {same} is the same schedule")
+    return f"{option} is a kohya option this port does not support: {UNSUPPORTED[dest]}"
+
+
 class _Unsupported(argparse.Action):
     def __init__(self, option_strings, dest, **kwargs):
         kwargs.pop("nargs", None)
         super().__init__(option_strings, dest, nargs="*", default=None, help=argparse.SUPPRESS)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        raise UserError(f"{option_string} is a kohya option this port does not support: "
-                        f"{UNSUPPORTED[self.dest]}")
+        raise UserError(unsupported_message(option_string, self.dest, values))
 
 
 def _add_model_arguments(a):
@@ -119,7 +146,8 @@ def _add_model_arguments(a):
 def _add_training_arguments(a):
     a("--output_dir", type=str, default=None)
     a("--output_name", type=str, default=None)
-    a("--save_model_as", type=str, default="safetensors", choices=["safetensors"],
+    # checked in the run's prepare() so that ckpt/pt get one line saying why, not argparse's usage
+    a("--save_model_as", type=str, default="safetensors",
       help="only safetensors (kohya's ckpt/pt are pickle files)")
     a("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
     a("--save_every_n_epochs", type=int, default=None)
@@ -231,7 +259,7 @@ def build_parser():
     _add_network_arguments(a)
     add_sample_arguments(parser)
     add_validation_arguments(parser)
-    for name in UNSUPPORTED:
+    for name in (*UNSUPPORTED, *NOT_KOHYA_OPTIONS):
         a(f"--{name}", action=_Unsupported)
     return parser
 
@@ -308,8 +336,7 @@ def _config_defaults(actions, values, path):
             # (lr_scheduler_args = []); dynamo_backend = "no" is the GUI's do-nothing value
             if value in ([], "", False) or (key == "dynamo_backend" and value == "no"):
                 continue
-            problems.append(f"{path}: `{key}` is a kohya option this port does not support: "
-                            f"{UNSUPPORTED[key]}")
+            problems.append(f"{path}: " + unsupported_message(f"`{key}`", key, value))
         else:
             try:
                 defaults[key] = _check_config_value(actions[key], key, value, path)

@@ -64,13 +64,26 @@ def _check_contradictions(args):
         raise UserError("--full_fp16 and --full_bf16 exclude each other")
     if args.full_fp16 and args.mixed_precision != "fp16":
         raise UserError("--full_fp16 needs --mixed_precision fp16 (as kohya)")
-    if args.full_bf16 and args.mixed_precision != "bf16":
-        raise UserError("--full_bf16 needs --mixed_precision bf16 (as kohya)")
-    if args.mixed_precision == "bf16":
+    if args.mixed_precision == "bf16" or args.full_bf16:
         from library import device
         if not device.is_ascend():
-            raise UserError("--mixed_precision bf16 needs an Ascend NPU: MindSpore has no bfloat16 "
-                            "matmul kernel on CPU; use no or fp16")
+            what, instead = ("--full_bf16", "--mixed_precision fp16 --full_fp16") if args.full_bf16 \
+                else ("--mixed_precision bf16", "--mixed_precision no or fp16")
+            raise UserError(f"{what} needs an Ascend NPU: MindSpore has no bfloat16 matmul kernel "
+                            f"on CPU; use {instead}")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        raise UserError("--full_bf16 needs --mixed_precision bf16 (as kohya)")
+    if args.save_model_as != "safetensors":
+        raise UserError(f"--save_model_as {args.save_model_as}: only safetensors is written (kohya's "
+                        f"ckpt and pt are pickle files, which can run code when loaded); "
+                        f"drop the option or pass safetensors")
+    if args.log_with == "tensorboard" and not args.logging_dir:
+        raise UserError("--log_with tensorboard needs --logging_dir (kohya: logging_dir is required "
+                        "when log_with is tensorboard)")
+    for name in ("sdpa", "xformers", "mem_eff_attn"):
+        if getattr(args, name):
+            logger.info(f"--{name} has no effect here: attention is chosen per device by "
+                        f"library/layers.py (Ascend's flash attention on NPUs, math attention on CPU)")
     if args.gradient_accumulation_steps < 1:
         raise UserError("--gradient_accumulation_steps must be 1 or more")
     if args.max_train_steps < 1 and not args.max_train_epochs:
@@ -527,6 +540,7 @@ def train(plan):
         for epoch in range(start_epoch, plan.num_epochs + 1):
             network.on_epoch_start()
             micro = 0
+            epoch_losses = []       # this epoch's batch losses, for kohya's loss/epoch_average
             # the epoch's first step number (a resumed epoch has done some of its batches)
             position = loader.state_dict()
             done = position["batch"] // world.size if position["epoch"] == epoch else 0
@@ -551,6 +565,7 @@ def train(plan):
                         "learning rate, or check these images")
                 micro += 1
                 loss_sum, loss_count = loss_sum + loss, loss_count + 1
+                epoch_losses.append(loss)
                 if micro % args.gradient_accumulation_steps:
                     continue
                 lrs = schedule.lrs(scaling.schedule_step(global_step))
@@ -572,13 +587,15 @@ def train(plan):
                                 lr=f"{float(lrs[0]):.2e}", s_step=f"{step_seconds:.2f}",
                                 **validation.postfix)
                 sample(global_step)
-                if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 \
-                        and global_step < args.max_train_steps:
+                # as kohya, also at the last step (the final file is written besides)
+                if args.save_every_n_steps and global_step % args.save_every_n_steps == 0:
                     save_due(global_step, epoch, names.step_name, names.step_state_name,
                              names.step_to_remove, args.save_last_n_steps,
                              args.save_last_n_steps_state)
                 if global_step >= args.max_train_steps:
                     break
+            if epoch_losses:
+                log.epoch(epoch, {"loss/epoch_average": float(np.mean(epoch_losses))})
             validation.at_epoch(epoch, global_step, loss_sum / loss_count)
             if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 \
                     and epoch < plan.num_epochs:

@@ -2,6 +2,7 @@
 the TOML schema, the pairing of images and masks, the mask a sample carries (decoded and from
 the latent cache) and the messages for what kohya refuses."""
 
+import json
 import random
 
 import numpy as np
@@ -161,3 +162,12 @@ batch_size = 0
     # the value pass: each subset's problem, then the dataset's
     lines = str(e.value).splitlines()
     assert lines[0].startswith("2 problems in") and "num_repeats" in lines[1] and "caption_dropout_rate" in lines[2]
+
+
+def test_inspect_dataset_shows_each_images_mask(tmp_path):
+    from conftest import run_tool
+    img, msk = mask_dataset(tmp_path)
+    cfg = write_toml(tmp_path / "d.toml", img, msk)
+    proc = run_tool("tools/inspect_dataset.py", "--dataset_config", cfg, "--masked_loss", "--json")
+    images = {im["path"]: im["mask"] for im in json.loads(proc.stdout)["images"]}
+    assert images == {str(img / "0.png"): str(msk / "0.png"), str(img / "1.png"): str(msk / "1.png")}

@@ -187,3 +187,12 @@ seed = 7
     assert [step for step, _ in epoch_average] == [1] and epoch_average[0][1] > 0
     # the mask (white left half, grey right half) weights the loss: not the unmasked loss
     assert runs["masked"] != pytest.approx(runs["plain"], rel=1e-4), runs
+
+
+def test_masked_loss_without_any_mask_warns_and_trains_unmasked(tiny_ckpt, images, tmp_path,
+                                                                 caplog):
+    plan = _prepare(tiny_ckpt, images, tmp_path, "--masked_loss")
+    assert not plan.loss_options.masked
+    assert any("--masked_loss: no subset has mask images (conditioning_data_dir) or alpha_mask"
+               in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert _prepare(tiny_ckpt, images, tmp_path, "--masked_loss", "--alpha_mask").loss_options.masked

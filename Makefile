@@ -1,7 +1,12 @@
 # Every target creates .venv and installs what it needs by itself (a fresh clone needs only
 # Python 3.11 and the package registries).
 PYTHON ?= python3.11
-VENV := .venv
+# The MindSpore version: requirements.txt states the supported range; the default is the one
+# measured faster here (README, "MindSpore versions"). Another version gets its own venv, e.g.
+# `make test MINDSPORE=2.10.0` builds and uses .venv-ms2.10.0.
+MINDSPORE_DEFAULT := 2.7.1
+MINDSPORE ?= $(MINDSPORE_DEFAULT)
+VENV := $(if $(filter $(MINDSPORE_DEFAULT),$(MINDSPORE)),.venv,.venv-ms$(MINDSPORE))
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONPATH := $(CURDIR)
@@ -11,7 +16,7 @@ export PYTHONPATH := $(CURDIR)
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt mindspore==$(MINDSPORE)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -1088,6 +1088,10 @@ def convert_to_kohya_keys(sd, metadata=None, unet_config=None):
                 path = key[len(prefix):-len(suffix[0])]
                 if prefix == "unet.":
                     path = _diffusers_to_sgm_dotted(path, pairs)
+                elif path.startswith("encoder."):
+                    # transformers 5 dropped CLIPTextModel's `text_model.` level, so diffusers
+                    # 0.42 saves `text_encoder.encoder.layers.N...`; diffusers reads both
+                    path = "text_model." + path
                 new = f"{_PEFT_PREFIXES[prefix]}_{path.replace('.', '_')}" \
                       f"{_ROLE_SUFFIX[suffix[1]]}"
                 if suffix[1] == "lora_down" and prefix in alphas:

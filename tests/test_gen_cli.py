@@ -93,7 +93,10 @@ def _ckpt(main_run):
 @pytest.mark.parametrize("extra, message", [
     (["--sampler", "k_heun"], "invalid choice: 'k_heun'"),
     (["--network_module", "networks.lora", "--network_weights", "missing.safetensors"], "LoRA file not found"),
-    (["--W", "60"], "multiples of 8"),
+    (["--W", "60"], "--W/--H 60x1024: width and height must be positive multiples of 32 for SDXL"),
+    (["--H", "176"], "multiples of 32 for SDXL (e.g. 1024x160)"),
+    (["--prompt", "a cat --h 1208"], "image size of prompt 'a cat' 1024x1208: width and height must "
+                                     "be positive multiples of 32"),
     (["--prompt", "a cat --w 64px"], "bad value for --w"),
     (["--prompt", "a cat --zz 1"], "unknown in-prompt option --zz"),
     (["--ds_depth_1", "3"], "--ds_depth_1 (Deep Shrink) is not supported yet"),

@@ -164,6 +164,30 @@ def test_diffusers_and_peft_keys_are_converted(tiny, tiny_sd):
     assert {float(v) for k, v in converted.items() if k.endswith(".alpha")} == {2.0}
 
 
+def test_diffusers_042_te_keys_without_text_model_load_and_merge_the_same(tiny, tiny_sd,
+                                                                          tmp_path):
+    """diffusers 0.42 with transformers 5 (which dropped CLIPTextModel's `text_model.` level)
+    writes `text_encoder.encoder.layers.N...`; older versions `text_encoder.text_model.encoder...`.
+    Both files load, and merging either changes TE1's weights by the same amounts."""
+    _, peft = diffusers_style(tiny, tiny_sd)
+    flat = {k.replace(".text_model.encoder.", ".encoder."): v for k, v in peft.items()}
+    assert any(k.startswith("text_encoder.encoder.layers.") for k in flat)
+    assert any(k.startswith("text_encoder_2.encoder.layers.") for k in flat)
+    merged = []
+    for name, sd in (("old", peft), ("new", flat)):
+        path = tmp_path / f"{name}.safetensors"
+        write_safetensors(path, sd)
+        models = build_sdxl("tiny")       # initialised: the merge reads the weights
+        before = {n: p.asnumpy().copy() for n, p in models.text_encoder1.parameters_and_names()}
+        lora.merge_lora_weights(models, [path], [1.0])
+        after = {n: p.asnumpy() for n, p in models.text_encoder1.parameters_and_names()}
+        delta = {n: after[n] - before[n] for n in before}
+        assert any(np.abs(d).max() > 0 for d in delta.values())
+        merged.append(delta)
+    # (two randomly initialised models: the same delta up to float32 rounding of W + dW)
+    assert all(np.allclose(merged[0][n], merged[1][n], rtol=0, atol=1e-6) for n in merged[0])
+
+
 # --- bad inputs ------------------------------------------------------------------------------
 
 def sd15_lora():

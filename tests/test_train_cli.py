@@ -234,7 +234,7 @@ def test_resume_from_a_folder_that_is_not_a_state(tiny_ckpt, memorise, tmp_path)
     (["--v_pred_like_loss", "0.1", "--v_parameterization"], ["--v_pred_like_loss"]),
     (["--cache_text_encoder_outputs"], ["--network_train_unet_only"]),
     (["--adaptive_noise_scale", "0.1"], ["--noise_offset"]),
-    (["--optimizer_type", "AdamW8bit"], ["AdamW8bit"]),
+    (["--optimizer_type", "DAdaptAdam"], ["DAdaptAdam", "not supported"]),
     (["--network_args", "conv_dimm=4"], ["conv_dimm"]),
 ])
 def test_contradictory_or_unknown_settings(tiny_ckpt, memorise, tmp_path, extra, fragments):

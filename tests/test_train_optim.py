@@ -108,9 +108,8 @@ def test_parse_optimizer_args_types():
 
 
 @pytest.mark.parametrize("optimizer_type, args, message", [
-    ("AdamW8bit", [], "AdamW8bit is not supported; supported optimizers: AdamW, Lion"),
-    ("DAdaptation", [], "DAdaptation is not supported"),
-    ("PagedAdamW", [], "PagedAdamW is not supported"),
+    ("DAdaptation", [], "DAdaptation is not supported; supported optimizers: AdamW, Lion"),
+    ("AdEMAMix8bit", [], "AdEMAMix8bit is not supported"),
     ("torch.optim.RAdam", [], "not supported"),
     ("AdamW", ["amsgrad=True", "foo=1"], "amsgrad, foo: not accepted by AdamW"),
     ("Prodigy", ["slice_p=11"], "slice_p"),
@@ -124,10 +123,32 @@ def test_unsupported_optimizers_and_args_are_user_errors(optimizer_type, args, m
         build_optimizer(groups, 1e-3, optimizer_type, args)
 
 
-def test_use_8bit_adam_is_rejected():
-    _, groups = make_groups([1e-3, 1e-3], "err8")
-    with pytest.raises(UserError, match="AdamW8bit"):
-        build_optimizer(groups, 1e-3, use_8bit_adam=True)
+@pytest.mark.parametrize("optimizer_type, runs, kohya_name", [
+    ("AdamW8bit", "AdamW", "torch.optim.adamw.AdamW"),
+    ("PagedAdamW8bit", "AdamW", "torch.optim.adamw.AdamW"),
+    ("PagedAdamW", "AdamW", "torch.optim.adamw.AdamW"),
+    ("Lion8bit", "Lion", "lion_pytorch.lion_pytorch.Lion"),
+    ("PagedLion8bit", "Lion", "lion_pytorch.lion_pytorch.Lion"),
+    ("SGDNesterov8bit", "SGDNesterov", "torch.optim.sgd.SGD"),
+])
+def test_bitsandbytes_names_run_their_32_bit_optimizer(optimizer_type, runs, kohya_name, caplog):
+    _, groups = make_groups([1e-3, 1e-3], f"bnb{optimizer_type}")
+    built = build_optimizer(groups, 1e-3, optimizer_type, ["weight_decay=0.1"])
+    assert type(built.optimizer).__name__ == runs
+    assert built.ss_optimizer.startswith(f"{kohya_name}(weight_decay=0.1")
+    assert built.ss_optimizer.endswith(f"for --optimizer_type {optimizer_type}: 32-bit state, "
+                                       f"no bitsandbytes")
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"--optimizer_type {optimizer_type}: running {runs} with the same "
+                              f"update rule and 32-bit state")
+
+
+def test_use_8bit_adam_is_adamw8bit():
+    _, groups = make_groups([1e-3, 1e-3], "old8")
+    built = build_optimizer(groups, 1e-3, use_8bit_adam=True)
+    assert type(built.optimizer).__name__ == "AdamW" and "AdamW8bit" in built.ss_optimizer
+    with pytest.raises(UserError, match="--use_8bit_adam cannot be combined"):
+        build_optimizer(groups, 1e-3, "Lion", use_8bit_adam=True)
 
 
 def test_prodigy_rejects_different_group_lrs():

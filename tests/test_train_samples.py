@@ -143,6 +143,10 @@ def test_sample_option_checks(tmp_path, caplog):
     with pytest.raises(UserError, match="nope.txt"):
         check_sample_options(args_of(sample_prompts=str(tmp_path / "nope.txt"),
                                      sample_at_first=True))
+    tall = write(tmp_path / "tall.txt", "a --w 832 --h 1208\n")    # a multiple of 8, not of 32
+    with pytest.raises(UserError, match=r"tall.txt, prompt 1: --w/--h 832x1208: width and height "
+                                        r"must be positive multiples of 32 for SDXL \(e.g. 832x1184\)"):
+        check_sample_options(args_of(sample_prompts=tall, sample_at_first=True))
 
 
 def test_options_are_defined_with_kohyas_defaults():
@@ -338,7 +342,8 @@ def test_cli_samples_and_validation_in_graph_mode(tiny_ckpt, tmp_path):
     with Image.open(out / "sample" / files[0]) as a, Image.open(out / "sample" / files[2]) as b:
         assert not np.array_equal(np.asarray(a), np.asarray(b))
     assert all(np.isfinite(s["loss/validation/step_divergence"]) for s in steps if s["step"] in validated)
-    epochs = [json.loads(x) for x in open(out / "s_log.jsonl") if '"epoch": 1,' in x and "event" not in x]
+    epochs = [json.loads(x) for x in open(out / "s_log.jsonl")
+              if '"epoch": 1,' in x and "event" not in x and "loss/validation/epoch_average" in x]
     assert len(epochs) == 1 and np.isfinite(epochs[0]["loss/validation/epoch_average"])
     compiles = [(e["graph"], tuple(e.get("shape", ()))) for e in events if e["event"] == "compile"]
     assert compiles.count(("grad_step", (-1, 4, -1, -1))) == 1

@@ -57,7 +57,7 @@ def describe(group, seed):
                 "dataset": di, "path": r.path, "is_reg": r.is_reg, "num_repeats": r.num_repeats,
                 "bucket_wh": list(r.bucket.bucket_wh), "resized_wh": list(r.bucket.resized_wh),
                 "original_size_hw": list(orig_hw), "crop_top_left": list(crop_tl), "target_size_hw": list(target_hw),
-                "caption": process_caption(r.caption, r.subset.caption, rng),
+                "caption": process_caption(r.caption, r.subset.caption, rng), "mask": r.mask_path,
             })
     return out
 
@@ -96,6 +96,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_dataset_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed for the validation split and the caption shown")
+    parser.add_argument("--masked_loss", action="store_true",
+                        help="as the trainer's: allows mask-image subsets (conditioning_data_dir)")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
     args = parser.parse_args()
     train, _ = build_dataset_groups(resolve_dataset_configs(args), seed=args.seed)

@@ -7,8 +7,9 @@ MindSpore cells), so this module is testable without a model.
 Every cache entry has a key: a JSON document of everything its value depends on.
 
     latents       the image file's content (SHA-256 of its bytes), its size, the bucket, the
-                  resized size and the crop, the resize filter, flip_aug, alpha_mask, the VAE
-                  (a hash of its weights) and this file format's version
+                  resized size and the crop, the resize filter, flip_aug, alpha_mask, the mask
+                  image's content (conditioning_data_dir), the VAE (a hash of its weights) and
+                  this file format's version
     text outputs  the caption text as encoded (after prefix/suffix), --max_token_length,
                   --weighted_captions, the two text encoders (a hash of their weights), version
 
@@ -34,8 +35,9 @@ Disk files sit beside the images, with kohya's names:
 
 Inside, per entry <id> (16 hex digits): `key_<id>` (the JSON key), `latents_<id>` float32
 (4, h/8, w/8) unscaled, `latents_flipped_<id>` with flip_aug, `alpha_mask_<id>` float32 (h, w)
-with alpha_mask; or `context_<id>` float32 (L, 2048) and `pooled_<id>` float32 (1280,). When a
-run rewrites a file, it keeps only the entries that run uses, so stale entries do not pile up.
+with alpha_mask or mask images; or `context_<id>` float32 (L, 2048) and `pooled_<id>` float32
+(1280,). When a run rewrites a file, it keeps only the entries that run uses, so stale entries
+do not pile up.
 """
 
 import hashlib
@@ -51,6 +53,7 @@ from tqdm import tqdm
 
 from library.data import images
 from library.data.captions import process_caption
+from library.data.dataset import load_mask
 from library.errors import UserError
 from library.safetensors_io import write_atomically
 
@@ -366,7 +369,7 @@ class LatentCache:
         return np.asarray(get(kind), dtype=np.float32)
 
     def alpha_mask(self, record, flipped=False):
-        if not record.subset.alpha_mask:
+        if not record.subset.masked:
             return None
         entry = self._entry(record)
         mask = entry.array("alpha_mask") if self.to_disk else entry["alpha_mask"]
@@ -375,7 +378,8 @@ class LatentCache:
 
 def _load_for_latent(record, config):
     """The image as the latent cache encodes it: resized and centre-cropped into the bucket
-    (uint8 HWC, RGBA when the subset uses alpha_mask)."""
+    (uint8 HWC, RGBA when the subset uses alpha_mask), and its mask (float32 HW in [0, 1], the
+    alpha channel or the mask image) or None."""
     img = images.load_image(record.path, alpha=record.subset.alpha_mask)
     h, w = img.shape[:2]
     if (w, h) != tuple(record.original_wh):
@@ -384,14 +388,16 @@ def _load_for_latent(record, config):
         b = record.bucket
         img, _ = images.trim_and_resize(img, b.bucket_wh, b.resized_wh, random.Random(0), False,
                                         record.subset.resize_interpolation or config.resize_interpolation)
-    return img
+    if record.subset.alpha_mask:
+        return img, img[..., 3].astype(np.float32) / 255.0
+    return img, load_mask(record, config)
 
 
 def _encode_latent_batch(batch, encode, cache):
-    """[latents (B, C, h, w), flipped latents with flip_aug, alpha masks (B, H, W) with
-    alpha_mask] for one encode batch of (entry id, (record, config, path, key json))."""
-    imgs = [_load_for_latent(item[0], item[1]) for _, item in batch]
-    rgb = np.stack([im[..., :3] for im in imgs])
+    """[latents (B, C, h, w), flipped latents with flip_aug, masks (B, H, W) with alpha_mask or
+    mask images] for one encode batch of (entry id, (record, config, path, key json))."""
+    loaded = [_load_for_latent(item[0], item[1]) for _, item in batch]
+    rgb = np.stack([im[..., :3] for im, _ in loaded])
     seeds = [int(eid, 16) for eid, _ in batch]
     out = [np.asarray(encode(rgb, seeds), dtype=np.float32)]
     cache.encoded_images += len(batch)
@@ -399,8 +405,8 @@ def _encode_latent_batch(batch, encode, cache):
     if subset.flip_aug:
         out.append(np.asarray(encode(np.ascontiguousarray(rgb[:, :, ::-1]), [s ^ 1 for s in seeds]), np.float32))
         cache.encoded_images += len(batch)
-    if subset.alpha_mask:
-        out.append(np.stack([im[..., 3].astype(np.float32) / 255.0 for im in imgs]))
+    if subset.masked:
+        out.append(np.stack([mask for _, mask in loaded]))
     return out
 
 
@@ -425,6 +431,8 @@ def build_latent_cache(group, encode, model_id, to_disk=False, batch_size=1, ski
     for di, record in group.records():
         config = group.datasets[di].config
         content = image_identity(record.path, skip_cache_check)
+        if record.mask_path is not None:
+            content["mask"] = image_identity(record.mask_path, skip_cache_check)
         key = latent_key(record, config, model_id, content)
         eid, key_json = entry_id(key), _canonical(key)
         path = latents_path(record)
@@ -443,7 +451,7 @@ def build_latent_cache(group, encode, model_id, to_disk=False, batch_size=1, ski
                 if files[path] is None:
                     cache.corrupt += 1
             kinds = ["latents"] + (["latents_flipped"] if record.subset.flip_aug else []) + \
-                    (["alpha_mask"] if record.subset.alpha_mask else [])
+                    (["alpha_mask"] if record.subset.masked else [])
             if _valid((files[path] or {}).get(eid), key_json, kinds):
                 hit_ids.add(eid)
         todo[eid] = (record, config, path, key_json)
@@ -457,7 +465,7 @@ def build_latent_cache(group, encode, model_id, to_disk=False, batch_size=1, ski
     for eid, item in order:
         record = item[0]
         c = (tuple(record.bucket.bucket_wh) if item[1].enable_bucket else tuple(item[1].resolution),
-             record.subset.flip_aug, record.subset.alpha_mask)
+             record.subset.flip_aug, record.subset.masked)
         if current and (c != cond or len(current) >= batch_size):
             batches.append(current)
             current = []
@@ -474,11 +482,11 @@ def build_latent_cache(group, encode, model_id, to_disk=False, batch_size=1, ski
         payload = _encode_latent_batch(own, encode, cache) if own is not None else None
         for owner, batch in enumerate(rnd):
             first = batch[0][1][0]
-            count = 1 + bool(first.subset.flip_aug) + bool(first.subset.alpha_mask)
+            count = 1 + bool(first.subset.flip_aug) + bool(first.subset.masked)
             arrays = iter(_exchange(share, owner, payload, count))
             latents = next(arrays)
             flipped = next(arrays) if first.subset.flip_aug else None
-            masks = next(arrays) if first.subset.alpha_mask else None
+            masks = next(arrays) if first.subset.masked else None
             by_file = {}
             for i, (eid, (record, config, path, key_json)) in enumerate(batch):
                 entry = {"key": key_json, "latents": latents[i]}

@@ -69,6 +69,13 @@ DREAMBOOTH_DATASET_KEYS = {**GENERAL_KEYS, "subsets": "list"}
 FINETUNE_DATASET_KEYS = {**DATASET_ASCENDABLE, **SUBSET_ASCENDABLE, **DROPOUT_ASCENDABLE, "subsets": "list"}
 DREAMBOOTH_SUBSET_KEYS = {**SUBSET_ASCENDABLE, **DREAMBOOTH_SUBSET_ONLY, **DREAMBOOTH_ASCENDABLE, **DROPOUT_ASCENDABLE}
 FINETUNE_SUBSET_KEYS = {**SUBSET_ASCENDABLE, **FINETUNE_SUBSET_ONLY, **DROPOUT_ASCENDABLE}
+# kohya's ControlNet schema, which --masked_loss turns on for mask-image datasets: every subset of
+# such a dataset has conditioning_data_dir (a folder of masks named like the images)
+CONTROLNET_ASCENDABLE = {"caption_extension": "str", "cache_info": "bool"}
+CONTROLNET_DATASET_KEYS = {**DATASET_ASCENDABLE, **SUBSET_ASCENDABLE, **CONTROLNET_ASCENDABLE, **DROPOUT_ASCENDABLE,
+                           "subsets": "list"}
+CONTROLNET_SUBSET_KEYS = {**SUBSET_ASCENDABLE, "image_dir": "str", "conditioning_data_dir": "str",
+                          **CONTROLNET_ASCENDABLE, **DROPOUT_ASCENDABLE}
 
 # keys kohya accepts that this port does not implement, with what to do instead
 UNSUPPORTED_KEYS = {
@@ -76,7 +83,6 @@ UNSUPPORTED_KEYS = {
                            "remove it and use enable_bucket",
     "cache_info": "the metadata_cache.json image-info cache is not implemented (image sizes are read from "
                   "file headers, which is fast); remove it",
-    "conditioning_data_dir": "ControlNet / mask datasets are not supported; use alpha_mask for masked loss",
 }
 
 # kohya's argparse names that map to a different config key
@@ -92,6 +98,7 @@ class SubsetConfig:
     metadata_file: str = None          # set for a fine-tuning subset
     is_reg: bool = False
     alpha_mask: bool = False
+    conditioning_data_dir: str = None  # mask images named like the images (with --masked_loss)
     class_tokens: str = None
     caption_extension: str = ".caption"
     num_repeats: int = 1
@@ -102,6 +109,11 @@ class SubsetConfig:
     custom_attributes: dict = field(default_factory=dict, hash=False, compare=False)
     caption: CaptionOptions = CaptionOptions()
     where: str = ""                    # e.g. "datasets[0].subsets[1] of my.toml", for messages
+
+    @property
+    def masked(self):
+        """Its samples carry a loss mask: the image's alpha channel, or a mask image."""
+        return self.alpha_mask or self.conditioning_data_dir is not None
 
 
 @dataclass(frozen=True)
@@ -222,51 +234,99 @@ def load_config_file(path):
     raise UserError(f"dataset config {path}: unsupported format; use a .toml or .json file")
 
 
-def _check_table(table, allowed, where):
+def _check_table(table, allowed, where, problems):
+    """Append to `problems` one message per bad key or value of `table`."""
     if not isinstance(table, dict):
-        raise UserError(f"{where}: expected a table")
+        problems.append(f"{where}: expected a table")
+        return
     for key, value in table.items():
         if key in UNSUPPORTED_KEYS and key in allowed:
-            raise UserError(f"{where}: `{key}` is a kohya key this port does not support: {UNSUPPORTED_KEYS[key]}")
+            problems.append(f"{where}: `{key}` is a kohya key this port does not support: {UNSUPPORTED_KEYS[key]}")
+            continue
         if key not in allowed:
             close = difflib.get_close_matches(key, allowed, n=1)
             hint = f" Did you mean `{close[0]}`?" if close else ""
-            raise UserError(f"{where}: unknown key `{key}`.{hint} Allowed keys here: {', '.join(sorted(allowed))}")
+            problems.append(f"{where}: unknown key `{key}`.{hint} Allowed keys here: {', '.join(sorted(allowed))}")
+            continue
         kind = allowed[key]
         if kind == "list":
             continue
         description, ok = _TYPES[kind]
         if not ok(value):
-            raise UserError(f"{where}: `{key}` = {value!r} has the wrong type; expected {description}")
+            problems.append(f"{where}: `{key}` = {value!r} has the wrong type; expected {description}")
 
 
-def validate_user_config(config, source):
-    """Check a loaded config dict against kohya's schema; `source` names the file in messages."""
-    _check_table(config, {"general": "list", "datasets": "list"}, f"top level of {source}")
+class ConfigProblems(UserError):
+    """Several problems of one file, one line each (`problems` holds them)."""
+
+    def __init__(self, problems, source):
+        self.problems = list(problems)
+        text = problems[0] if len(problems) == 1 else \
+            f"{len(problems)} problems in {source}:\n  " + "\n  ".join(problems)
+        super().__init__(text)
+
+
+def _raise_problems(problems, source):
+    """One UserError for all of a file's problems (a user fixes them in one run, not one per run)."""
+    if problems:
+        raise ConfigProblems(problems, source)
+
+
+def _collect(problems, error):
+    problems.extend(getattr(error, "problems", [str(error)]))
+
+
+def validate_user_config(config, source, masked_loss=False):
+    """Check a loaded config dict against kohya's schema; `source` names the file in messages.
+    Every problem of the file is reported at once. `masked_loss` (--masked_loss) allows mask-image
+    datasets, as in kohya."""
+    problems = []
+    _check_table(config, {"general": "list", "datasets": "list"}, f"top level of {source}", problems)
     general = config.get("general", {})
-    _check_table(general, GENERAL_KEYS, f"[general] of {source}")
+    _check_table(general, GENERAL_KEYS, f"[general] of {source}", problems)
     datasets = config.get("datasets", [])
     if not isinstance(datasets, list) or not datasets:
-        raise UserError(f"{source}: no [[datasets]] table; add at least one with a [[datasets.subsets]]")
+        problems.append(f"{source}: no [[datasets]] table; add at least one with a [[datasets.subsets]]")
+        datasets = []
     for i, ds in enumerate(datasets):
         where = f"datasets[{i}] of {source}"
         if not isinstance(ds, dict):
-            raise UserError(f"{where}: expected a table")
+            problems.append(f"{where}: expected a table")
+            continue
         subsets = ds.get("subsets", [])
         if not isinstance(subsets, list) or not subsets or not all(isinstance(s, dict) for s in subsets):
-            raise UserError(f"{where}: needs at least one [[datasets.subsets]] table")
+            problems.append(f"{where}: needs at least one [[datasets.subsets]] table")
+            continue
+        with_masks = [("conditioning_data_dir" in s) for s in subsets]
+        if any(with_masks):
+            if not masked_loss:
+                problems.append(f"{where}: `conditioning_data_dir` (mask images) needs --masked_loss, as in kohya")
+            elif not all(with_masks):
+                problems.append(f"{where}: with mask images (conditioning_data_dir) in one subset, every subset of "
+                                f"the dataset needs them (kohya's mask datasets); put the others in another "
+                                f"[[datasets]]")
+            else:
+                _check_table(ds, CONTROLNET_DATASET_KEYS, where, problems)
+                for j, sub in enumerate(subsets):
+                    swhere = f"datasets[{i}].subsets[{j}] of {source}"
+                    _check_table(sub, CONTROLNET_SUBSET_KEYS, swhere, problems)
+                    if "image_dir" not in sub:
+                        problems.append(f"{swhere}: `image_dir` is required")
+            continue
         with_meta = [("metadata_file" in s) for s in subsets]
         if any(with_meta) and not all(with_meta):
-            raise UserError(f"{where}: DreamBooth subsets (image_dir only) and fine-tuning subsets (metadata_file) "
+            problems.append(f"{where}: DreamBooth subsets (image_dir only) and fine-tuning subsets (metadata_file) "
                             f"cannot be mixed in one dataset; put them in separate [[datasets]]")
+            continue
         finetune = all(with_meta)
-        _check_table(ds, FINETUNE_DATASET_KEYS if finetune else DREAMBOOTH_DATASET_KEYS, where)
+        _check_table(ds, FINETUNE_DATASET_KEYS if finetune else DREAMBOOTH_DATASET_KEYS, where, problems)
         for j, sub in enumerate(subsets):
             swhere = f"datasets[{i}].subsets[{j}] of {source}"
-            _check_table(sub, FINETUNE_SUBSET_KEYS if finetune else DREAMBOOTH_SUBSET_KEYS, swhere)
+            _check_table(sub, FINETUNE_SUBSET_KEYS if finetune else DREAMBOOTH_SUBSET_KEYS, swhere, problems)
             required = "metadata_file" if finetune else "image_dir"
             if required not in sub:
-                raise UserError(f"{swhere}: `{required}` is required")
+                problems.append(f"{swhere}: `{required}` is required")
+    _raise_problems(problems, source)
 
 
 # ---------------------------------------------------------------------------------- resolving
@@ -316,13 +376,19 @@ def _resolve_subset(levels, finetune, where):
     if interpolation is not None and interpolation not in RESIZE_INTERPOLATIONS:
         raise UserError(f"{where}: `resize_interpolation` = {interpolation!r}; expected one of "
                         f"{', '.join(RESIZE_INTERPOLATIONS)}")
+    masks = levels[0].get("conditioning_data_dir")
+    if masks is not None and get("random_crop", False):
+        raise UserError(f"{where}: `random_crop` (from the config or --random_crop) cannot be used with mask images "
+                        f"(conditioning_data_dir): kohya refuses it too, masks are centre-cropped like the images")
     extension = get("caption_extension", ".caption")
     if extension and not extension.startswith("."):
         extension = "." + extension  # kohya adds the dot too
     return SubsetConfig(
         image_dir=levels[0].get("image_dir"), metadata_file=levels[0].get("metadata_file") if finetune else None,
-        is_reg=levels[0].get("is_reg", False), alpha_mask=get("alpha_mask", False),
-        class_tokens=None if finetune else get("class_tokens"), caption_extension=extension,
+        # kohya's mask datasets have no regularisation images, alpha masks or class tokens
+        is_reg=levels[0].get("is_reg", False), alpha_mask=masks is None and get("alpha_mask", False),
+        conditioning_data_dir=masks, class_tokens=None if finetune or masks is not None else get("class_tokens"),
+        caption_extension=extension,
         num_repeats=num_repeats, color_aug=get("color_aug", False), flip_aug=get("flip_aug", False),
         random_crop=get("random_crop", False), resize_interpolation=interpolation,
         custom_attributes=get("custom_attributes") or {}, caption=caption, where=where)
@@ -335,17 +401,22 @@ def _resolve_dataset(ds, general, argcfg, where, source):
     def get(key, default=None):
         return _lookup(key, levels, default)
 
-    subsets = []
+    subsets, problems = [], []
     seen = set()
     for j, sub in enumerate(ds["subsets"]):
         swhere = f"datasets[{where}].subsets[{j}] of {source}"
-        subset = _resolve_subset([sub, ds, general, argcfg], finetune, swhere)
+        try:
+            subset = _resolve_subset([sub, ds, general, argcfg], finetune, swhere)
+        except UserError as e:
+            _collect(problems, e)
+            continue
         identity = subset.metadata_file if finetune else subset.image_dir
         if identity in seen:
             raise UserError(f"{swhere}: {identity} is already used by another subset of this dataset (kohya would "
                             f"silently drop this one); remove the duplicate")
         seen.add(identity)
         subsets.append(subset)
+    _raise_problems(problems, source)
 
     dwhere = f"datasets[{where}] of {source}"
     resolution = get("resolution")
@@ -388,11 +459,19 @@ def resolve_dataset_configs(args):
             logger.warning("--dataset_config is given, so --train_data_dir, --reg_data_dir and --in_json are ignored")
         source = args.dataset_config
         user = load_config_file(source)
-        validate_user_config(user, source)
+        validate_user_config(user, source, getattr(args, "masked_loss", False))
     else:
         source, user = _legacy_config(args)
     general = user.get("general", {})
-    return [_resolve_dataset(ds, general, argcfg, i, source) for i, ds in enumerate(user["datasets"])]
+    # a value error stops its own subset or dataset only, so the others are checked too
+    configs, problems = [], []
+    for i, ds in enumerate(user["datasets"]):
+        try:
+            configs.append(_resolve_dataset(ds, general, argcfg, i, source))
+        except UserError as e:
+            _collect(problems, e)
+    _raise_problems(problems, source)
+    return configs
 
 
 def _legacy_config(args):

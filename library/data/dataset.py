@@ -42,6 +42,7 @@ class ImageRecord:
     num_repeats: int
     original_wh: tuple        # after the EXIF orientation
     bucket: BucketChoice
+    mask_path: str = None     # its mask image, for a subset with conditioning_data_dir
 
 
 class Dataset:
@@ -154,7 +155,8 @@ def load_sample(record, config, rng, epoch=1, step=0, max_train_steps=0, latent_
     image            uint8 HWC RGB, the bucket's size (BatchLoader turns it into float32 CHW in
                      [-1, 1] in the training process: uint8 is a quarter of the bytes to send
                      from a worker)
-    alpha_mask       float32 HW in [0, 1] when the subset sets alpha_mask, else None
+    alpha_mask       float32 HW in [0, 1] when the subset has masks (alpha_mask: the image's alpha
+                     channel; conditioning_data_dir: the mask image's R channel, as kohya), else None
     caption          the processed caption (shuffle, dropout, wildcards, ... applied)
     original_size_hw, crop_top_left, target_size_hw   SDXL's size conditioning (ints)
     flipped, path, is_reg, loss_weight (prior_loss_weight for reg images), network_multiplier,
@@ -177,6 +179,7 @@ def load_sample(record, config, rng, epoch=1, step=0, max_train_steps=0, latent_
     h, w = img.shape[:2]
     if (w, h) != tuple(record.original_wh):
         raise UserError(f"image {record.path} changed size since the dataset was built ({record.original_wh} -> {(w, h)})")
+    mask = load_mask(record, config)
     bucket = record.bucket
     if config.enable_bucket:
         img, crop_xy = images.trim_and_resize(img, bucket.bucket_wh, bucket.resized_wh, rng, subset.random_crop,
@@ -189,10 +192,68 @@ def load_sample(record, config, rng, epoch=1, step=0, max_train_steps=0, latent_
         img[..., :3] = images.color_aug(np.ascontiguousarray(img[..., :3]), rng)
     if flipped:
         img = img[:, ::-1]
-    alpha = img[..., 3].astype(np.float32) / 255.0 if subset.alpha_mask else None
+        mask = None if mask is None else np.ascontiguousarray(mask[:, ::-1])
+    alpha = img[..., 3].astype(np.float32) / 255.0 if subset.alpha_mask else mask
     caption = process_caption(record.caption, subset.caption, rng, epoch, step, max_train_steps)
     return _sample(record, config, np.ascontiguousarray(img[..., :3]), alpha, caption, orig_hw, crop_tl, target_hw,
                    flipped)
+
+
+def load_mask(record, config):
+    """The mask image of `record` (conditioning_data_dir) as float32 HW in [0, 1], in the geometry
+    of the image's sample: resized and centre-cropped into the bucket (mask subsets have no
+    random_crop) with the image's filter; None when it has none. kohya uses its R channel.
+
+    It is resized on its own, not as the image's alpha channel: PIL resizes RGBA premultiplied,
+    which would blacken the image wherever the mask is 0. (kohya stretches the mask to the bucket
+    without the crop, which misaligns it when the bucket's aspect differs from the image's.)"""
+    if record.mask_path is None:
+        return None
+    mask = np.ascontiguousarray(images.load_image(record.mask_path)[..., 0])
+    if (mask.shape[1], mask.shape[0]) != tuple(record.original_wh):
+        raise UserError(f"mask image {record.mask_path} changed size since the dataset was built; it must be "
+                        f"{record.original_wh[0]}x{record.original_wh[1]} like {record.path}")
+    if config.enable_bucket:
+        b = record.bucket
+        mask, _ = images.trim_and_resize(mask, b.bucket_wh, b.resized_wh, random.Random(0), False,
+                                         record.subset.resize_interpolation or config.resize_interpolation)
+    return mask.astype(np.float32) / 255.0
+
+
+def _mask_files(subset, entries):
+    """{image path: mask path} for a subset with conditioning_data_dir: each image's mask is the
+    image file of that folder with the same stem, of the same size. As kohya, an image without a
+    mask and a mask without an image are errors; all of them are listed in one message."""
+    folder = subset.conditioning_data_dir
+    if not os.path.isdir(folder):
+        raise UserError(f"{subset.where}: conditioning_data_dir {folder} does not exist or is not a directory")
+    by_stem = {}
+    for path in images.list_images(folder):
+        by_stem.setdefault(os.path.splitext(os.path.basename(path))[0], path)
+    found, missing, wrong_size = {}, [], []
+    sizes = {p: images.image_size(p) for p in by_stem.values()}
+    for path, _, _, wh in entries:
+        mask = by_stem.pop(os.path.splitext(os.path.basename(path))[0], None)
+        if mask is None:
+            missing.append(os.path.basename(path))
+        elif tuple(sizes[mask]) != tuple(wh):
+            wrong_size.append(f"{os.path.basename(mask)} is {sizes[mask][0]}x{sizes[mask][1]}, "
+                              f"its image {wh[0]}x{wh[1]}")
+        else:
+            found[path] = mask
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} images have no mask image of the same name in {folder}: "
+                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if by_stem:
+        extra = sorted(os.path.basename(p) for p in by_stem.values())
+        problems.append(f"{len(extra)} mask images in {folder} have no image in {subset.image_dir}: "
+                        f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    if wrong_size:
+        problems.append(f"mask images must have their image's size: {'; '.join(wrong_size[:5])}")
+    if problems:
+        raise UserError(f"{subset.where}: " + ". ".join(problems))
+    return found
 
 
 def _sample(record, config, image, alpha, caption, orig_hw, crop_tl, target_hw, flipped, latents=None):
@@ -270,9 +331,12 @@ def _build_dataset(config, split, split_seed):
 
     train_entries, reg_entries = [], []   # (path, caption, subset, (w, h))
     subset_images = []
+    mask_paths = {}
     for subset in config.subsets:
         if config.is_dreambooth:
             entries = _dreambooth_entries(subset, sized)
+            if subset.conditioning_data_dir is not None:
+                mask_paths.update(_mask_files(subset, entries))
             if config.validation_split > 0 and not subset.is_reg:
                 entries = _split(entries, split, config.validation_split, split_seed)
             elif split == "validation":
@@ -300,7 +364,7 @@ def _build_dataset(config, split, split_seed):
             choice = selector.select(*wh)
         except UserError as e:
             raise UserError(f"{path}: {e}") from None
-        records.append(ImageRecord(path, caption, subset, subset.is_reg, n, wh, choice))
+        records.append(ImageRecord(path, caption, subset, subset.is_reg, n, wh, choice, mask_paths.get(path)))
     if split == "train" and not any(not r.is_reg for r in records):
         raise UserError(f"{config.where}: no training images (only regularisation images, or every image was skipped)")
     unused = sum(1 for n in reg_repeats if n == 0)

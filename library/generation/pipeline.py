@@ -139,9 +139,18 @@ class GenerationStats:
 # ---------------------------------------------------------------------------------------------
 # Small helpers (numpy / PIL)
 
+# SDXL's UNet halves the latent (1/8 of the image) twice and adds the skip connections back, so
+# the latent's sides must divide by 4: the image's by 32. Checked before anything loads; otherwise
+# MindSpore fails deep in the UNet with a shape error.
+SIZE_MULTIPLE = 32
+
+
 def check_size(width, height, what="image size"):
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise UserError(f"{what} {width}x{height}: width and height must be positive multiples of 8")
+    if width <= 0 or height <= 0 or width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
+        fix = f"e.g. {max(SIZE_MULTIPLE, width - width % SIZE_MULTIPLE)}x" \
+              f"{max(SIZE_MULTIPLE, height - height % SIZE_MULTIPLE)}"
+        raise UserError(f"{what} {width}x{height}: width and height must be positive multiples of "
+                        f"{SIZE_MULTIPLE} for SDXL ({fix})")
 
 
 def highres_first_size(width, height, scale):

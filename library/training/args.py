@@ -7,10 +7,13 @@ instead of argparse's "unrecognized arguments", and never a silently ignored fla
 
 `--config_file` works as in kohya: the TOML's tables are flattened, values fill the options the
 command line did not set (command line > file > defaults). Unlike kohya, a key the parser does
-not know, or a value of the wrong type, is an error naming the key and the file.
+not know, or a value of the wrong type, is an error naming the key and the file (all such errors
+of a file in one message). Values kohya reads harmlessly are taken as kohya takes them: see
+GUI_ONLY_KEYS and _check_config_value.
 """
 
 import argparse
+import difflib
 import logging
 import os
 
@@ -51,12 +54,15 @@ UNSUPPORTED = {
     "zero3_save_16bit_model": "DeepSpeed is PyTorch-only",
     "fp16_master_weights_and_gradients": "DeepSpeed is PyTorch-only",
     "dataset_class": "custom Python dataset classes are not supported; use --dataset_config",
+    # kohya reads mask folders only from a subset of --dataset_config; its CLI value does nothing
+    "conditioning_data_dir": "set conditioning_data_dir per subset in the --dataset_config TOML "
+                             "(with --masked_loss), as kohya reads it",
     "initial_epoch": "start-position options are not supported yet",
     "initial_step": "start-position options are not supported yet",
     "skip_until_initial_step": "start-position options are not supported yet",
-    "use_8bit_adam": "8-bit optimizers need bitsandbytes (CUDA); use AdamW",
     "fused_backward_pass": "not used by LoRA training",
-    "lr_scheduler_type": "custom scheduler classes are not supported; use --lr_scheduler",
+    "lr_scheduler_type": "custom scheduler classes are not supported; use --lr_scheduler "
+                         "(constant, linear, cosine, cosine_with_restarts, polynomial, ...)",
     "lr_scheduler_args": "custom scheduler classes are not supported; use --lr_scheduler",
     "zero_terminal_snr": "not supported yet",
     "scale_weight_norms": "not supported yet",
@@ -86,14 +92,40 @@ UNSUPPORTED = {
 }
 
 
+# torch.optim.lr_scheduler classes a --lr_scheduler_type names, and the kohya schedule that is the
+# same curve (kohya builds these through transformers' get_scheduler)
+_TORCH_SCHEDULERS = {"cosineannealinglr": "cosine", "linearlr": "linear", "constantlr": "constant",
+                     "cosineannealingwarmrestarts": "cosine_with_restarts",
+                     "polynomiallr": "polynomial"}
+
+# Options that are in no kohya parser but that kohya's own docs print (docs/sdxl_train_network.md)
+NOT_KOHYA_OPTIONS = {
+    "text_encoder_lr1": "use --text_encoder_lr TE1_LR TE2_LR (one value for both text encoders)",
+    "text_encoder_lr2": "use --text_encoder_lr TE1_LR TE2_LR (one value for both text encoders)",
+}
+
+
+def unsupported_message(option, dest, values=None):
+    """What to tell a user who passes an UNSUPPORTED or NOT_KOHYA_OPTIONS option."""
+    if dest in NOT_KOHYA_OPTIONS:
+        return (f"{option} is not an option of kohya's sdxl_train_network.py either (its SDXL "
+                f"document shows it): {NOT_KOHYA_OPTIONS[dest]}")
+    first = values[0] if isinstance(values, list) and values else values
+    if dest == "lr_scheduler_type" and isinstance(first, str):
+        same = _TORCH_SCHEDULERS.get(first.rsplit(".", 1)[-1].lower())
+        if same:
+            return (f"{option} {first}: custom scheduler classes are not supported; "
+                    f"--lr_scheduler {same} is the same schedule")
+    return f"{option} is a kohya option this port does not support: {UNSUPPORTED[dest]}"
+
+
 class _Unsupported(argparse.Action):
     def __init__(self, option_strings, dest, **kwargs):
         kwargs.pop("nargs", None)
         super().__init__(option_strings, dest, nargs="*", default=None, help=argparse.SUPPRESS)
 
     def __call__(self, parser, namespace, values, option_string=None):
-        raise UserError(f"{option_string} is a kohya option this port does not support: "
-                        f"{UNSUPPORTED[self.dest]}")
+        raise UserError(unsupported_message(option_string, self.dest, values))
 
 
 def _add_model_arguments(a):
@@ -114,7 +146,8 @@ def _add_model_arguments(a):
 def _add_training_arguments(a):
     a("--output_dir", type=str, default=None)
     a("--output_name", type=str, default=None)
-    a("--save_model_as", type=str, default="safetensors", choices=["safetensors"],
+    # checked in the run's prepare() so that ckpt/pt get one line saying why, not argparse's usage
+    a("--save_model_as", type=str, default="safetensors",
       help="only safetensors (kohya's ckpt/pt are pickle files)")
     a("--save_precision", type=str, default=None, choices=[None, "float", "fp16", "bf16"])
     a("--save_every_n_epochs", type=int, default=None)
@@ -168,6 +201,8 @@ def _add_training_arguments(a):
     a("--optimizer_type", type=str, default="")
     a("--optimizer_args", type=str, nargs="*", default=None)
     a("--use_lion_optimizer", action="store_true")
+    a("--use_8bit_adam", action="store_true",
+      help="kohya's old spelling of --optimizer_type AdamW8bit (run with 32-bit state, see README)")
     a("--learning_rate", type=float, default=2e-6)
     a("--max_grad_norm", type=float, default=1.0)
     a("--lr_scheduler", type=str, default="constant", choices=SCHEDULERS)
@@ -233,7 +268,7 @@ def build_parser():
     _add_network_arguments(a)
     add_sample_arguments(parser)
     add_validation_arguments(parser)
-    for name in UNSUPPORTED:
+    for name in (*UNSUPPORTED, *NOT_KOHYA_OPTIONS):
         a(f"--{name}", action=_Unsupported)
     return parser
 
@@ -250,12 +285,33 @@ def _flatten(table):
     return out
 
 
+# Keys the kohya_ss GUI (bmaltais/kohya_ss, kohya_gui/lora_gui.py) writes into the --config_file
+# of an SDXL LoRA run that kohya's sdxl_train_network.py never reads: kohya puts every TOML key on
+# its namespace unchecked, so they pass there. `epoch` is the GUI's own input to its
+# max_train_steps arithmetic; wandb_run_name (always written, as the output name) only acts with
+# --log_with wandb, which this port refuses anyway.
+GUI_ONLY_KEYS = ("epoch", "noise_offset_type", "stop_text_encoder_training", "train_inpainting",
+                 "wandb_run_name")
+
+
 def _check_config_value(action, key, value, path):
+    """The value to use for `key`, or a UserError. Config values take kohya's reading where it is
+    harmless: kohya's file values skip argparse, so its choices and types never apply to them."""
     expected = None
+    if key == "max_token_length" and value == 75:
+        return None     # kohya's documented default: 75 tokens, i.e. no extension
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        # the GUI writes some flags as 0/1 (persistent_data_loader_workers = 1)
+        if value in (0, 1) and not isinstance(value, float):
+            value = bool(value)
         ok, expected = isinstance(value, bool), "true or false"
     elif action.nargs in ("*", "+"):
+        if action.type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]     # text_encoder_lr = 1e-4, as the kohya_ss GUI writes it
         ok, expected = isinstance(value, list), "a list"
+        if ok and action.type is float:
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            expected = "a number or a list of numbers"
     elif action.type is int:
         ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
     elif action.type is float:
@@ -275,6 +331,38 @@ def _check_config_value(action, key, value, path):
     return value
 
 
+def _config_defaults(actions, values, path):
+    """{option: value} from the file's flattened values. Every bad key or value is collected and
+    reported in one UserError (one line each), so a user fixes a file in one go."""
+    defaults, problems, ignored = {}, [], []
+    for key, value in values.items():
+        if key in GUI_ONLY_KEYS:
+            ignored.append(key)
+        elif key not in actions or key == "help":
+            close = difflib.get_close_matches(key, [k for k in actions if k != "help"], n=1)
+            hint = f"; did you mean `{close[0]}`?" if close else ""
+            problems.append(f"{path}: unknown option `{key}` (not an sdxl_train_network.py "
+                            f"option{hint})")
+        elif key in UNSUPPORTED:
+            # "off" values are what the GUI writes for features nobody asked for
+            # (lr_scheduler_args = []); dynamo_backend = "no" is the GUI's do-nothing value
+            if value in ([], "", False) or (key == "dynamo_backend" and value == "no"):
+                continue
+            problems.append(f"{path}: " + unsupported_message(f"`{key}`", key, value))
+        else:
+            try:
+                defaults[key] = _check_config_value(actions[key], key, value, path)
+            except UserError as e:
+                problems.append(str(e))
+    if problems:
+        head = f"{len(problems)} problems in --config_file {path}:\n  " if len(problems) > 1 else ""
+        raise UserError(head + "\n  ".join(problems))
+    if ignored:
+        logger.warning(f"{path}: ignoring {', '.join(ignored)}: kohya's sdxl_train_network.py does "
+                       f"not read these keys (the kohya_ss GUI writes them)")
+    return defaults
+
+
 def apply_config_file(parser, args, argv):
     """Fill options the command line did not set from --config_file's TOML (kohya's rule)."""
     path = args.config_file
@@ -287,15 +375,7 @@ def apply_config_file(parser, args, argv):
         values = _flatten(toml.loads(read_utf8(path, "--config_file")))
     except toml.TomlDecodeError as e:
         raise UserError(f"--config_file {path} is not valid TOML: {e}") from None
-    actions = {a.dest: a for a in parser._actions}
-    defaults = {}
-    for key, value in values.items():
-        if key not in actions or key == "help":
-            raise UserError(f"{path}: unknown option `{key}` (not an sdxl_train_network.py option)")
-        if key in UNSUPPORTED:
-            raise UserError(f"{path}: `{key}` is a kohya option this port does not support: "
-                            f"{UNSUPPORTED[key]}")
-        defaults[key] = _check_config_value(actions[key], key, value, path)
+    defaults = _config_defaults({a.dest: a for a in parser._actions}, values, path)
     parser.set_defaults(**defaults)
     return parser.parse_args(argv)
 

@@ -35,7 +35,8 @@ class RunLog:
                     record = json.loads(line)
                 except ValueError:      # the last line of a killed run may be cut short
                     continue
-                if "event" not in record and record.get("step", 0) <= up_to_step:
+                # step lines only: event lines and per-epoch lines ({"epoch": N, ...}) have no loss
+                if "event" not in record and "step" in record and record["step"] <= up_to_step:
                     by_step[record["step"]] = record["loss/current"]
         self.losses = [by_step[s] for s in sorted(by_step)]
 

@@ -68,13 +68,26 @@ def _check_contradictions(args):
         raise UserError("--full_fp16 and --full_bf16 exclude each other")
     if args.full_fp16 and args.mixed_precision != "fp16":
         raise UserError("--full_fp16 needs --mixed_precision fp16 (as kohya)")
-    if args.full_bf16 and args.mixed_precision != "bf16":
-        raise UserError("--full_bf16 needs --mixed_precision bf16 (as kohya)")
-    if args.mixed_precision == "bf16":
+    if args.mixed_precision == "bf16" or args.full_bf16:
         from library import device
         if not device.is_ascend():
-            raise UserError("--mixed_precision bf16 needs an Ascend NPU: MindSpore has no bfloat16 "
-                            "matmul kernel on CPU; use no or fp16")
+            what, instead = ("--full_bf16", "--mixed_precision fp16 --full_fp16") if args.full_bf16 \
+                else ("--mixed_precision bf16", "--mixed_precision no or fp16")
+            raise UserError(f"{what} needs an Ascend NPU: MindSpore has no bfloat16 matmul kernel "
+                            f"on CPU; use {instead}")
+    if args.full_bf16 and args.mixed_precision != "bf16":
+        raise UserError("--full_bf16 needs --mixed_precision bf16 (as kohya)")
+    if args.save_model_as != "safetensors":
+        raise UserError(f"--save_model_as {args.save_model_as}: only safetensors is written (kohya's "
+                        f"ckpt and pt are pickle files, which can run code when loaded); "
+                        f"drop the option or pass safetensors")
+    if args.log_with == "tensorboard" and not args.logging_dir:
+        raise UserError("--log_with tensorboard needs --logging_dir (kohya: logging_dir is required "
+                        "when log_with is tensorboard)")
+    for name in ("sdpa", "xformers", "mem_eff_attn"):
+        if getattr(args, name):
+            logger.info(f"--{name} has no effect here: attention is chosen per device by "
+                        f"library/layers.py (Ascend's flash attention on NPUs, math attention on CPU)")
     if args.gradient_accumulation_steps < 1:
         raise UserError("--gradient_accumulation_steps must be 1 or more")
     if args.max_train_steps < 1 and not args.max_train_epochs:
@@ -145,7 +158,7 @@ def prepare(args):
     if args.logging_dir:
         check_folder_can_be_made(args.logging_dir, "--logging_dir")
 
-    check_optimizer_options(args.optimizer_type, args.optimizer_args,
+    check_optimizer_options(args.optimizer_type, args.optimizer_args, args.use_8bit_adam,
                             use_lion_optimizer=args.use_lion_optimizer)
     net_kwargs = parse_network_args(args.network_args)
     check_network_kwargs(net_kwargs)
@@ -187,8 +200,11 @@ def prepare(args):
     check_cache_options(args, [g for g in (train_group, val_group) if g is not None])
     check_sample_options(args)
     check_validation_options(args, val_group)
-    masked = bool(args.masked_loss or args.alpha_mask or any(
-        s.alpha_mask for ds in train_group.datasets for s, _, _ in ds.subset_images))
+    # as kohya, any mask (alpha_mask, or mask images with --masked_loss) masks the loss
+    masked = any(s.masked for ds in train_group.datasets for s, _, _ in ds.subset_images)
+    if args.masked_loss and not masked:
+        logger.warning("--masked_loss: no subset has mask images (conditioning_data_dir) or alpha_mask, "
+                       "so nothing is masked (as in kohya)")
     loss_options = LossOptions(
         loss_type=args.loss_type, huber_schedule=args.huber_schedule, huber_c=args.huber_c,
         huber_scale=args.huber_scale, masked=masked, min_snr_gamma=args.min_snr_gamma,
@@ -396,7 +412,8 @@ def build_training(plan, models):
         raise UserError("no parameter has a learning rate above 0: check --unet_lr, "
                         "--text_encoder_lr and --learning_rate")
     built = build_optimizer(groups, args.learning_rate, args.optimizer_type, args.optimizer_args,
-                            args.lr_scheduler, use_lion_optimizer=args.use_lion_optimizer)
+                            args.lr_scheduler, use_8bit_adam=args.use_8bit_adam,
+                            use_lion_optimizer=args.use_lion_optimizer)
     schedule_options = plan.schedule_options
     if built.lr_scheduler != schedule_options.lr_scheduler:
         schedule_options = type(schedule_options)(**{**schedule_options.__dict__,
@@ -463,7 +480,7 @@ def _train(plan, stop):
 
     te_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
     metadata = run_metadata(args, plan.train_group, plan.val_group,
-                            f"{built.kohya_name}({built.kohya_args})", plan.net_kwargs,
+                            built.ss_optimizer, plan.net_kwargs,
                             plan.num_epochs, len(loader), te_lr, args.unet_lr)
     name = args.output_name or names.DEFAULT_LAST_NAME
     # data parallel: rank 0 writes every file; the other ranks train and log nowhere
@@ -583,6 +600,7 @@ def _train(plan, stop):
         for epoch in range(start_epoch, plan.num_epochs + 1):
             network.on_epoch_start()
             micro = 0
+            epoch_losses = []       # this epoch's batch losses, for kohya's loss/epoch_average
             # the epoch's first step number (a resumed epoch has done some of its batches)
             position = loader.state_dict()
             done = position["batch"] // world.size if position["epoch"] == epoch else 0
@@ -605,6 +623,7 @@ def _train(plan, stop):
                         "learning rate, or check these images")
                 micro += 1
                 loss_sum, loss_count = loss_sum + loss, loss_count + 1
+                epoch_losses.append(loss)
                 if micro % args.gradient_accumulation_steps:
                     continue
                 lrs = schedule.lrs(scaling.schedule_step(global_step))
@@ -626,8 +645,8 @@ def _train(plan, stop):
                                 lr=f"{float(lrs[0]):.2e}", s_step=f"{step_seconds:.2f}",
                                 **validation.postfix)
                 sample(global_step)
-                if args.save_every_n_steps and global_step % args.save_every_n_steps == 0 \
-                        and global_step < args.max_train_steps:
+                # as kohya, also at the last step (the final file is written besides)
+                if args.save_every_n_steps and global_step % args.save_every_n_steps == 0:
                     save_due(global_step, epoch, names.step_name, names.step_state_name,
                              names.step_to_remove, args.save_last_n_steps,
                              args.save_last_n_steps_state)
@@ -635,6 +654,8 @@ def _train(plan, stop):
                     break
                 if stop.requested.is_set():
                     save_interrupted(epoch)
+            if epoch_losses:
+                log.epoch(epoch, {"loss/epoch_average": float(np.mean(epoch_losses))})
             validation.at_epoch(epoch, global_step, loss_sum / loss_count)
             if args.save_every_n_epochs and epoch % args.save_every_n_epochs == 0 \
                     and epoch < plan.num_epochs:

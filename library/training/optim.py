@@ -1,9 +1,11 @@
 """From kohya's --optimizer_type / --optimizer_args / --learning_rate to an optimizer Cell.
 
 Supported: AdamW (default), Lion, SGDNesterov, Adafactor, Prodigy, with the keyword arguments
-their PyTorch implementations accept and kohya forwards. Everything else kohya accepts (8-bit and
-paged bitsandbytes optimizers, D-Adaptation, schedule-free, arbitrary `module.Class`) is an error
-that names the optimizer and lists the supported ones, as is an --optimizer_args key the chosen
+their PyTorch implementations accept and kohya forwards. kohya's bitsandbytes names (AdamW8bit,
+PagedAdamW8bit, Lion8bit, ...) run the optimizer with the same update rule and 32-bit state, with
+one warning line, and ss_optimizer says so (why: README, "8-bit optimizers"). Everything else
+kohya accepts (D-Adaptation, schedule-free, AdEMAMix, arbitrary `module.Class`) is an error that
+names the optimizer and lists the supported ones, as is an --optimizer_args key the chosen
 optimizer does not take.
 """
 
@@ -40,12 +42,34 @@ _SPECS = {
 }
 SUPPORTED_OPTIMIZERS = ("AdamW", "Lion", "SGDNesterov", "Adafactor", "Prodigy")
 
+# kohya's bitsandbytes optimizers: name -> (the optimizer with their update rule, kohya's class).
+# The 8-bit ones quantise the moments block-wise; the paged ones page state out of GPU memory
+# (CUDA unified memory). Neither changes the update rule, so these run with 32-bit state.
+BITSANDBYTES = {
+    "adamw8bit": ("adamw", "bitsandbytes.optim.adamw.AdamW8bit"),
+    "pagedadamw8bit": ("adamw", "bitsandbytes.optim.adamw.PagedAdamW8bit"),
+    "pagedadamw": ("adamw", "bitsandbytes.optim.adamw.PagedAdamW"),
+    "pagedadamw32bit": ("adamw", "bitsandbytes.optim.adamw.PagedAdamW32bit"),
+    "lion8bit": ("lion", "bitsandbytes.optim.lion.Lion8bit"),
+    "pagedlion8bit": ("lion", "bitsandbytes.optim.lion.PagedLion8bit"),
+    "sgdnesterov8bit": ("sgdnesterov", "bitsandbytes.optim.sgd.SGD8bit"),
+}
+
 
 class BuiltOptimizer(NamedTuple):
     optimizer: optimizers.GroupedOptimizer
     lr_scheduler: str        # the schedule to use: the requested one, or "adafactor" (see below)
     kohya_name: str          # for ss_optimizer: kohya writes "<class>(<args>)"
     kohya_args: str          # "k=v,..." as kohya logs the final kwargs
+    requested: str = ""      # a bitsandbytes name run as its 32-bit optimizer (BITSANDBYTES)
+
+    @property
+    def ss_optimizer(self):
+        """kohya's "<class>(<args>)", plus what ran instead of a bitsandbytes optimizer."""
+        text = f"{self.kohya_name}({self.kohya_args})"
+        if self.requested:
+            text += f" for --optimizer_type {self.requested}: 32-bit state, no bitsandbytes"
+        return text
 
 
 def parse_optimizer_args(items: Optional[Sequence[str]]):
@@ -77,14 +101,17 @@ def _check_kind(name, key, value, kind):
 
 
 def _optimizer_key(optimizer_type, use_8bit_adam, use_lion_optimizer):
-    if use_8bit_adam:
-        raise UserError(f"--use_8bit_adam (AdamW8bit) is not supported; supported optimizers: "
-                        f"{', '.join(SUPPORTED_OPTIMIZERS)}")
+    if use_8bit_adam:       # kohya's legacy spelling of AdamW8bit
+        if optimizer_type or use_lion_optimizer:
+            raise UserError("--use_8bit_adam cannot be combined with --optimizer_type or "
+                            "--use_lion_optimizer (as in kohya)")
+        optimizer_type = "AdamW8bit"
     if use_lion_optimizer:
         if optimizer_type:
             raise UserError("--use_lion_optimizer and --optimizer_type cannot both be given")
         return "lion"
     key = (optimizer_type or "AdamW").lower()
+    key = BITSANDBYTES.get(key, (key,))[0]
     if key not in _SPECS:
         raise UserError(f"--optimizer_type {optimizer_type} is not supported; supported optimizers: "
                         f"{', '.join(SUPPORTED_OPTIMIZERS)}")
@@ -120,6 +147,13 @@ def build_optimizer(groups: Sequence[ParamGroup], learning_rate: float, optimize
     key, kwargs = check_optimizer_options(optimizer_type, optimizer_args, use_8bit_adam,
                                           use_lion_optimizer)
     cls, accepted, kohya_name = _SPECS[key]
+    requested = "AdamW8bit" if use_8bit_adam else optimizer_type
+    if requested.lower() not in BITSANDBYTES:
+        requested = ""
+    else:
+        logger.warning(f"--optimizer_type {requested}: running {cls.__name__} with the same update "
+                       f"rule and 32-bit state (bitsandbytes is CUDA-only; see the README, "
+                       f"\"8-bit optimizers\"); ss_optimizer records it")
 
     extra = {}
     if key == "sgdnesterov":
@@ -148,4 +182,4 @@ def build_optimizer(groups: Sequence[ParamGroup], learning_rate: float, optimize
     except ValueError as e:  # the optimizers' own checks of their arguments
         raise UserError(f"--optimizer_type {cls.__name__}: {e}") from None
     kohya_args = ",".join(f"{k}={v}" for k, v in kwargs.items())
-    return BuiltOptimizer(optimizer, lr_scheduler, kohya_name, kohya_args)
+    return BuiltOptimizer(optimizer, lr_scheduler, kohya_name, kohya_args, requested)

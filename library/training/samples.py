@@ -208,9 +208,11 @@ def check_sample_options(args):
     if not args.sample_prompts:
         return []
     prompts = load_sample_prompts(args.sample_prompts)
+    from library.generation.pipeline import check_size
     from library.generation.samplers import schedule
     for p in prompts:   # e.g. pndm needs 4 steps: fail now, not at the first sampling
         try:
+            check_size(p.width, p.height, "--w/--h")
             schedule(p.sampler or args.sample_sampler, p.steps)
         except UserError as e:
             raise UserError(f"--sample_prompts {args.sample_prompts}, prompt {p.index + 1}: {e}") from None

@@ -28,6 +28,8 @@ def graph_op_counts(cell, *inputs):
     fn = cell.construct.__func__
     executor = _JitExecutor(fn, time.time_ns(), None, cell, JitConfig())
     phase = executor.compile(fn.__name__, *inputs)
-    proto = executor._graph_executor.get_func_graph_proto(phase, "anf_ir")
+    # MindIR holds every sub-graph (the branches of `if finite:` too); the "anf_ir" proto only
+    # the top graph
+    proto = executor._graph_executor.get_func_graph_proto(phase, "mind_ir")
     nodes = {full: op for full, op in _NODE.findall(proto)}
     return Counter(op.decode() for op in nodes.values() if op.decode() not in _BOOKKEEPING)

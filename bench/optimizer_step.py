@@ -1,4 +1,6 @@
-"""Compile time and time per update of each optimizer, alone in ms.jit, on LoRA-shaped tensors.
+"""Compile time and time per update of each optimizer, alone in ms.jit, on LoRA-shaped tensors
+(the optimizer's input: one flat float32 gradient vector per parameter group, as the apply step
+passes it).
 
     PYTHONPATH=. .venv/bin/python bench/optimizer_step.py [--modules 175] [--rank 4] [--steps 20]
 
@@ -54,7 +56,8 @@ def main():
         params = lora_params(args.modules, args.rank, args.dim, name)
         built = build_optimizer([ParamGroup(params, lr, "unet")], lr, name, opt_args)
         update = Update(built.optimizer)
-        grads = ms.mutable(tuple(Tensor(rng.normal(size=p.shape).astype(np.float32)) for p in params))
+        grads = ms.mutable(tuple(Tensor(rng.normal(size=s.size).astype(np.float32))
+                                 for s in built.optimizer.layout.segments))
         lrs = Tensor(np.array([lr], np.float32))
         t0 = time.perf_counter()
         update(grads, lrs)

@@ -3,6 +3,7 @@
     python bench/train_step.py [--steps 5] [--pynative-steps 2] [--tiny-latent 64]
                                [--medium-latent 32] [--presets tiny,medium]
                                [--modes graph,pynative] [--torch-python PATH | --no-torch]
+                               [--no-synthetic]
 
 Each case runs in its own process and reports its peak RSS. The MindSpore cases build the real
 run in-process: a one-image synthetic dataset is drawn, parsed with the trainer's own arguments
@@ -20,6 +21,12 @@ built from the same config (library.models.diffusers_config), a hand-written LoR
 8, alpha 1, on every Linear inside the Transformer2DModel blocks, the same targets), MSE on the
 noise, clip_grad_norm_(1.0), torch.optim.AdamW. It runs in .venv-bench (created on first use with
 torch==2.13.0, diffusers==0.35.2, transformers==4.57.1; git-ignored), or --torch-python.
+
+A second table is the apply step alone: its median time and the operator count of its compiled
+graph (library.training.graph_stats) for each graph-mode preset, and for a synthetic run with
+the LoRA of full-size SDXL (every module kohya makes with conv_dim, TE1 + TE2 + UNet, 2,104
+tensors, rank 8; shapes from tests/fixtures/kohya_sdxl_lora_keys_conv_dim.tsv) whose gradient
+buffers are filled with random values instead of running a grad step.
 """
 
 import argparse
@@ -41,6 +48,7 @@ from _bench_venv import bench_python  # noqa: E402
 
 RANK = 8
 CAPTION = "a red circle on a white background"
+LORA_KEYS = os.path.join(ROOT, "tests", "fixtures", "kohya_sdxl_lora_keys_conv_dim.tsv")
 
 
 def _peak_rss_gib():
@@ -112,7 +120,11 @@ def run_case(preset, mode, latent, steps, ckpt):
     first = step(0)
     timed = [step(i) for i in range(1, steps + 1)]
     total = statistics.median(g + a for g, a, _ in timed)
-    print(json.dumps(dict(
+    kernels = None
+    if mode == "graph":
+        from library.training.graph_stats import graph_op_counts
+        kernels = sum(graph_op_counts(t.apply_step, lrs, accumulation).values())
+    print(json.dumps(dict(kernels=kernels,
         first=first[0] + first[1], first_grad=first[0], first_apply=first[1], step=total,
         best=min(g + a for g, a, _ in timed),
         grad=statistics.median(g for g, _, _ in timed),
@@ -120,6 +132,64 @@ def run_case(preset, mode, latent, steps, ckpt):
         loss=float(np.mean([x for _, _, x in timed])), rss=_peak_rss_gib(),
         lora_tensors=len(list(t.grad_step.trainable)),
         lora_values=int(sum(np.prod(p.shape) for p in t.grad_step.trainable)))), flush=True)
+
+
+def _sdxl_lora_shapes(rank):
+    """{kohya key: shape} of every lora_down/lora_up weight of a full-size SDXL LoRA, at `rank`."""
+    shapes = {}
+    with open(LORA_KEYS) as f:
+        next(f)
+        for line in f:
+            key, shape, _ = line.rstrip("\n").split("\t")
+            dims = [int(x) for x in shape.strip("()").split(",") if x.strip()]
+            if key.endswith("lora_down.weight"):
+                dims[0] = rank          # the file's rank is 4
+            elif key.endswith("lora_up.weight"):
+                dims[1] = rank
+            else:
+                continue
+            shapes[key] = tuple(dims)
+    return shapes
+
+
+def run_apply_case(steps):
+    """The apply step alone on a full-size SDXL LoRA's tensors (AdamW, max_grad_norm 1, one group
+    per TE1 / TE2 / UNet), from random gradient buffers."""
+    import mindspore as ms
+    import numpy as np
+    from library import device
+    from library.training.graph_stats import graph_op_counts
+    from library.training.optim import build_optimizer
+    from library.training.optimizers import ParamGroup
+    from library.training.step import ApplyStep
+    device.configure()
+    rng = np.random.default_rng(0)
+    params = {prefix: [] for prefix in ("lora_te1", "lora_te2", "lora_unet")}
+    for key, shape in _sdxl_lora_shapes(RANK).items():
+        params[key.split("_")[0] + "_" + key.split("_")[1]].append(ms.Parameter(
+            ms.Tensor(rng.standard_normal(shape).astype(np.float32) * 0.01), name=key))
+    groups = [ParamGroup(ps, 1e-4, prefix) for prefix, ps in params.items()]
+    built = build_optimizer(groups, 1e-4, "AdamW", [])
+    flat = built.optimizer.layout
+    buffers = flat.zeros("grad_buffer")
+    apply_step = ApplyStep(buffers, built.optimizer, 1.0)
+    lrs, accumulation = ms.Tensor(np.full(len(groups), 1e-4, np.float32)), ms.Tensor(1.0, ms.float32)
+    run = ms.jit(apply_step.construct)
+
+    def one():
+        for b in buffers:   # in place: the compiled graph keeps the buffers' memory
+            b.copy_(ms.Tensor(rng.standard_normal(b.shape).astype(np.float32) * 1e-3))
+        t0 = time.perf_counter()
+        float(run(lrs, accumulation).asnumpy())
+        return time.perf_counter() - t0
+
+    first = one()
+    timed = [one() for _ in range(steps)]
+    print(json.dumps(dict(
+        first=first, apply=statistics.median(timed), steps=steps,
+        kernels=sum(graph_op_counts(apply_step, lrs, accumulation).values()),
+        lora_tensors=len(flat.params), lora_values=int(sum(s.size for s in flat.segments)),
+        rss=_peak_rss_gib())), flush=True)
 
 
 TORCH_CASE = r'''
@@ -213,8 +283,13 @@ def main():
     p.add_argument("--modes", default="graph,pynative")
     p.add_argument("--torch-python", default=None)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--no-synthetic", action="store_true",
+                   help="skip the apply step on a full-size SDXL LoRA's 2,104 tensors")
     p.add_argument("--case", nargs=5, help=argparse.SUPPRESS)  # internal: preset mode latent steps ckpt
+    p.add_argument("--apply-case", type=int, help=argparse.SUPPRESS)  # internal: steps
     args = p.parse_args()
+    if args.apply_case:
+        return run_apply_case(args.apply_case)
     if args.case:
         preset, mode, latent, steps, ckpt = args.case
         return run_case(preset, mode, int(latent), int(steps), ckpt)
@@ -277,6 +352,24 @@ def _measure(args, tmp):
         ratio = f"{r['ratio']:.2f}×" if "ratio" in r else "–"
         print(f"| {preset} | {size} | {backend} | {compile_s} | {r['step']:.2f} ({r['best']:.2f}) | "
               f"{r['grad']:.2f} / {r['apply']:.2f} | {r['rss']:.2f} | {r['lora_tensors']} | {ratio} |")
+
+    apply_rows = [(f"{preset} {latent}×{latent}", r) for preset, latent, backend, r in rows
+                  if backend == "MindSpore graph" and "error" not in r]
+    if not args.no_synthetic:
+        r = _child([sys.executable, os.path.abspath(__file__), "--apply-case", str(args.steps)])
+        print("synthetic apply", r, file=sys.stderr, flush=True)
+        apply_rows.append(("synthetic: full-size SDXL LoRA (TE1+TE2+UNet, conv_dim)", r))
+    print(f"\nApply step alone (AdamW, max_grad_norm 1, float32), MindSpore graph mode: median of "
+          f"{args.steps} steps after the first; operators: nodes of its compiled graph "
+          f"(library.training.graph_stats)\n")
+    print("| run | LoRA tensors | LoRA values | apply (s) | operators |")
+    print("|---|---|---|---|---|")
+    for name, r in apply_rows:
+        if "error" in r:
+            print(f"| {name} | – | – | failed: {r['error']} | – |")
+            continue
+        print(f"| {name} | {r['lora_tensors']} | {r['lora_values']:,} | {r['apply']:.3f} | "
+              f"{r['kernels']} |")
 
 
 if __name__ == "__main__":

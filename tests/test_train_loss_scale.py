@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, ParameterTuple, Tensor, ops
+from mindspore import Parameter, Tensor, ops
 
 from library.training.compile import StepGraph
 from library.training.grads import DynamicLossScaler
@@ -21,9 +21,8 @@ SHAPES = [(3, 4), (5,)]
 def make_apply(prefix, scaler):
     weights = [Parameter(Tensor(np.random.default_rng(i).standard_normal(s).astype(np.float32)),
                          name=f"{prefix}.w{i}") for i, s in enumerate(SHAPES)]
-    buffers = ParameterTuple(Parameter(Tensor(np.zeros(s, np.float32)), name=f"{prefix}.g{i}",
-                                       requires_grad=False) for i, s in enumerate(SHAPES))
     optimizer = AdamW([ParamGroup(weights, 1e-2, "all")])
+    buffers = optimizer.layout.zeros(f"{prefix}.g")     # one flat buffer: one group
     return ApplyStep(buffers, optimizer, max_grad_norm=1.0, loss_scaler=scaler), weights, buffers
 
 
@@ -55,10 +54,10 @@ def test_overflow_step_is_skipped_and_the_others_match_unscaled_training(tmp_pat
         grads = [rng.standard_normal(s).astype(np.float32) for s in SHAPES]
         scale = float(scaler.scale.asnumpy())
         # what the grad step leaves after 2 accumulated micro-steps: the sum of scaled grads
-        for b, g in zip(buffers, grads):
-            fill(b, 2 * scale * g)
+        flat = np.concatenate([2 * scale * g.ravel() for g in grads])
         if overflow:
-            fill(buffers[1], np.array([1, np.inf, 3, 4, 5], np.float32))
+            flat[np.prod(SHAPES[0]) + 1] = np.inf      # in the second tensor
+        fill(buffers[0], flat)
         before = snapshot(scaled)
         positions.append(watch.schedule_step(step))
         norm = float(run_scaled(lrs, accumulation).asnumpy())
@@ -72,8 +71,7 @@ def test_overflow_step_is_skipped_and_the_others_match_unscaled_training(tmp_pat
                 if not name.startswith(("loss_scale", "scaled.g")):   # weights, optimizer state
                     np.testing.assert_array_equal(after[name], before[name], err_msg=name)
             continue
-        for b, g in zip(ref_buffers, grads):
-            fill(b, 2 * g)
+        fill(ref_buffers[0], np.concatenate([2 * g.ravel() for g in grads]))
         ref_norm = float(run_plain(lrs, accumulation).asnumpy())
         np.testing.assert_allclose(norm, ref_norm, rtol=1e-6)
         for w, r in zip(weights, ref_weights):

@@ -14,24 +14,37 @@ from mindspore import nn, Parameter, ParameterTuple, Tensor
 from library.errors import UserError
 from library.training import filenames as names
 from library.training import state as S
+from library.training.flat import FlatLayout
+from library.training.optimizers import ParamGroup
+
+
+class FakeOptimizer(nn.Cell):
+    """An optimizer's Parameters: the trainable ones in its flat layout, a flat moment per
+    segment and the step counter."""
+
+    def __init__(self, trainable, moment_value=0.0, with_extra=False, groups=1):
+        super().__init__(auto_prefix=False)
+        per_group = -(-len(trainable) // groups)
+        self.layout = FlatLayout([ParamGroup(trainable[i:i + per_group], 1.0, f"g{i}")
+                                  for i in range(0, len(trainable), per_group)])
+        self.moments = ParameterTuple(
+            Parameter(Tensor(np.full(s.size, moment_value, np.float32)), name=f"exp_avg.{s.name}")
+            for s in self.layout.segments)
+        self.step_count = Parameter(Tensor(7, ms.int32), name="optimizer.step")
+        if with_extra:
+            self.extra = Parameter(Tensor(1.0, ms.float32), name="prodigy.d")
 
 
 class FakeApplyStep(nn.Cell):
     """The Parameters an ApplyStep holds: the trainable ones (through its optimizer), the
     optimizer's state, and the gradient buffers (not saved)."""
 
-    def __init__(self, trainable, moment_value=0.0, with_extra=False):
+    def __init__(self, trainable, moment_value=0.0, with_extra=False, groups=1):
         super().__init__(auto_prefix=False)
-        self.params = ParameterTuple(trainable)
-        self.moments = ParameterTuple(
-            Parameter(Tensor(np.full(p.shape, moment_value, np.float32)), name=f"exp_avg.{p.name}")
-            for p in trainable)
-        self.step_count = Parameter(Tensor(7, ms.int32), name="optimizer.step")
+        self.optimizer = FakeOptimizer(trainable, moment_value, with_extra, groups)
         self.grad_buffers = ParameterTuple(
-            Parameter(Tensor(np.ones(p.shape, np.float32)), name=f"grad_buffer.{p.name}")
-            for p in trainable)
-        if with_extra:
-            self.extra = Parameter(Tensor(1.0, ms.float32), name="prodigy.d")
+            Parameter(Tensor(np.ones(s.size, np.float32)), name=f"grad_buffer.{s.name}")
+            for s in self.optimizer.layout.segments)
 
 
 def network(seed, shapes=((4, 3), (3, 4))):
@@ -58,9 +71,9 @@ def test_round_trip_restores_every_parameter_and_the_progress(tmp_path):
     record = S.load_state(folder, fresh_net, fresh)
     for a, b in zip(saved_net, fresh_net):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
-    for a, b in zip(saved.moments, fresh.moments):
+    for a, b in zip(saved.optimizer.moments, fresh.optimizer.moments):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
-    assert int(fresh.step_count.asnumpy()) == 7
+    assert int(fresh.optimizer.step_count.asnumpy()) == 7
     np.testing.assert_array_equal(fresh.grad_buffers[0].asnumpy(), 1.0)   # buffers are not state
     assert record["loss_sum"] == 0.1 + 0.2 and record["data_position"]["batch"] == 5
     assert record["current_step"] == 15 and record["current_epoch"] == 2
@@ -95,13 +108,30 @@ def test_a_kill_during_a_save_leaves_the_old_state_or_none(tmp_path, monkeypatch
     (dict(shapes=((4, 2), (2, 4))), "shape"),
     (dict(shapes=((4, 3),)), "does not match"),
     (dict(with_extra=True), "optimizer state does not match"),
+    (dict(groups=2), "laid out for other parameter groups"),
+    (dict(order=True), "same counts in another order"),
 ])
 def test_resume_refuses_a_state_of_another_network_or_optimizer(tmp_path, change, message):
     net = network(0)
     folder = S.save_state(tmp_path / "s", net, FakeApplyStep(net), PROGRESS)
     other = network(1, change.get("shapes", ((4, 3), (3, 4))))
+    if change.get("order"):     # same shapes and names, another place in the flat vector
+        other = other[::-1]
     with pytest.raises(UserError, match=message):
-        S.load_state(folder, other, FakeApplyStep(other, with_extra=change.get("with_extra", False)))
+        S.load_state(folder, other, FakeApplyStep(other, with_extra=change.get("with_extra", False),
+                                                   groups=change.get("groups", 1)))
+
+
+def test_a_state_with_per_tensor_optimizer_state_is_refused(tmp_path):
+    """A state folder of the earlier layout (format /1: a moment per LoRA tensor) is refused
+    by name, with the way forward, before any tensor is read."""
+    net = network(0)
+    folder = S.save_state(tmp_path / "old-step00000015-state", net, FakeApplyStep(net), PROGRESS)
+    record = json.loads((folder / "train_state.json").read_text())
+    (folder / "train_state.json").write_text(json.dumps({**record, "format": S.PER_TENSOR_FORMAT}))
+    with pytest.raises(UserError, match=r"per LoRA tensor.*--network_weights "
+                                        r"<output_dir>/<name>-step00000015\.safetensors"):
+        S.load_state(folder, net, FakeApplyStep(net))
 
 
 def test_resume_checks_the_folder_and_the_options(tmp_path):

@@ -15,7 +15,8 @@ MS_ROLE=MS_WORKER, MS_SCHED_HOST/PORT (the scheduler) and DEVICE_ID (the local d
 msrun none is set and the run is a single process; nothing here then touches MindSpore's
 communication, so a plain `python sdxl_train_network.py` behaves as before.
 
-The gradient mean is an AllReduce(sum) per tensor divided by the group size. It does not use
+The gradient mean is an AllReduce(sum) per flat gradient buffer (one per parameter group, see
+library.training.flat; not one per LoRA tensor) divided by the group size. It does not use
 MindSpore's data-parallel context: on CPU that context reports device_num 1, and a
 DistributedGradReducer built from it sums instead of averaging (reference/mindspore_probe.md).
 On CPU, AllReduce takes float32 only; every collective here sends float32.
@@ -120,7 +121,7 @@ def init():
 
 
 def gradient_mean(world):
-    """A Cell mapping a tuple of gradients to their mean over the group, or None for one
+    """A Cell mapping a tuple of (flat) gradients to their mean over the group, or None for one
     process (then the step graph has no collective at all)."""
     if not world.distributed:
         return None

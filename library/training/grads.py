@@ -1,8 +1,9 @@
 """Gradient clipping by global norm and a dynamic loss scaler, for use inside the compiled step.
 
-Order in the step (as kohya under accelerate): scale the loss -> grads -> unscale -> finite
-check -> clip (if --max_grad_norm != 0) -> optimizer update unless an overflow was found ->
-update the scale.
+Order in the step (as kohya under accelerate): scale the loss -> grads -> unscale -> global norm
+-> finite check (from that norm: no second pass over the gradients) -> clip (if --max_grad_norm
+!= 0) -> optimizer update unless an overflow was found -> update the scale. The functions take
+any tuple of gradients; the apply step passes its flat buffers, one per parameter group.
 """
 
 import mindspore as ms
@@ -10,33 +11,30 @@ from mindspore import nn, ops, Parameter, Tensor
 
 F32 = ms.float32
 
-_square_sum = ops.MultitypeFuncGraph("square_sum")
-_scale = ops.MultitypeFuncGraph("scale")
+
+def _scaled(grads, factor):
+    out = ()
+    for grad in grads:
+        out = out + ((grad.astype(F32) * factor).astype(grad.dtype),)
+    return out
 
 
-@_square_sum.register("Tensor")
-def _square_sum_of(grad):
-    g = grad.astype(F32)
-    return (g * g).sum()
+def global_norm(grads):
+    """The L2 norm of all of `grads` together (a float32 scalar): one reduction per tensor, so
+    over the apply step's flat buffers a few kernels in all. Not finite iff some gradient holds
+    inf or NaN (or the squares overflow float32), which is how fp16 training detects overflow."""
+    total = ops.zeros((), F32)
+    for grad in grads:
+        g = grad.astype(F32)
+        total = total + (g * g).sum()
+    return ops.sqrt(total)
 
 
-@_scale.register("Tensor", "Tensor")
-def _scale_by(factor, grad):
-    return (grad.astype(F32) * factor).astype(grad.dtype)
-
-
-def clip_by_global_norm(grads, max_norm):
-    """torch.nn.utils.clip_grad_norm_ (L2): scale all grads by min(1, max_norm / (norm + 1e-6)).
-
-    Returns (clipped grads, the global norm before clipping). kohya clips every trainable
-    parameter of the network together, with --max_grad_norm (default 1.0; 0 turns it off, so the
-    step should not call this).
-    """
-    hyper_map = ops.HyperMap()
-    # HyperMap outputs have no static dtype in graph mode; the cast gives them one
-    total_norm = ops.sqrt(ops.stack(hyper_map(_square_sum, grads)).sum().astype(F32))
-    factor = ops.minimum(max_norm / (total_norm + 1e-6), 1.0)
-    return hyper_map(ops.partial(_scale, factor), grads), total_norm
+def clip_to_norm(grads, norm, max_norm):
+    """torch.nn.utils.clip_grad_norm_ (L2) given the global norm: scale all grads by
+    min(1, max_norm / (norm + 1e-6)). kohya clips every trainable parameter of the network
+    together, with --max_grad_norm (default 1.0; 0 turns it off: pass inf)."""
+    return _scaled(grads, ops.minimum(max_norm / (norm + 1e-6), 1.0))
 
 
 class DynamicLossScaler(nn.Cell):
@@ -60,19 +58,12 @@ class DynamicLossScaler(nn.Cell):
                                        requires_grad=False)
         self.growth_factor, self.backoff_factor = growth_factor, backoff_factor
         self.growth_interval = growth_interval
-        self.hyper_map = ops.HyperMap()
 
     def scale_loss(self, loss):
         return loss * self.scale.astype(loss.dtype)
 
     def unscale(self, grads):
-        return self.hyper_map(ops.partial(_scale, 1.0 / self.scale), grads)
-
-    def all_finite(self, grads):
-        """True when no gradient holds inf or NaN (a scalar bool tensor)."""
-        # inf or NaN anywhere makes the sum of squares non-finite
-        total = ops.stack(self.hyper_map(_square_sum, grads)).sum().astype(F32)
-        return ops.isfinite(total)
+        return _scaled(grads, 1.0 / self.scale)
 
     def update(self, finite):
         """Adjust the scale after a step; returns `finite` (the update was applied iff True)."""
@@ -80,8 +71,8 @@ class DynamicLossScaler(nn.Cell):
         grow = good >= self.growth_interval
         scale = ops.select(finite, ops.select(grow, self.scale * self.growth_factor, self.scale),
                            self.scale * self.backoff_factor)
-        ops.assign(self.good_steps, ops.select(grow, ops.zeros_like(good), good))
-        ops.assign(self.scale, scale)
-        ops.assign(self.skipped_steps, self.skipped_steps + ops.select(
+        self.good_steps.copy_(ops.select(grow, ops.zeros_like(good), good))
+        self.scale.copy_(scale)
+        self.skipped_steps.copy_(self.skipped_steps + ops.select(
             finite, ops.zeros_like(self.skipped_steps), ops.ones_like(self.skipped_steps)))
         return finite

@@ -420,14 +420,14 @@ def build_training(plan, models):
                                                      "lr_scheduler": built.lr_scheduler})
     schedule = LRSchedule(schedule_options, [g.lr for g in groups], args.max_train_steps,
                           args.learning_rate)
-    trainable = [p for g in groups for p in g.params]
 
     layout = StepLayout(latents_cached=latent_cache is not None, text_cached=text_cache is not None,
                         weighted=bool(args.weighted_captions), masked=plan.loss_options.masked)
     ddpm = ddpm_schedule()
     scaler = make_loss_scaler(args)     # fp16 only
-    grad_step = GradStep(models, trainable, ForwardDiffusion(ddpm, plan.noise_options,
-                                                             args.v_parameterization),
+    flat = built.optimizer.layout    # the trainable parameters as the optimizer lays them out
+    grad_step = GradStep(models, flat, ForwardDiffusion(ddpm, plan.noise_options,
+                                                        args.v_parameterization),
                          DiffusionLoss(plan.loss_options, ddpm), layout, weight_dtype, vae_dtype,
                          None if scaler is None else scaler.scale)
     apply_step = ApplyStep(grad_step.grad_buffers, built.optimizer, args.max_grad_norm, scaler,

@@ -7,14 +7,15 @@ Prodigy). Common contract:
     optimizer = AdamW(groups, weight_decay=0.01)     # groups: [ParamGroup(params, lr, description)]
     done = optimizer(grads, lrs)                      # inside the step; then ops.depend(loss, done)
 
-`grads` is a tuple in the order of `optimizer.params` (the groups' params, concatenated); `lrs` is
-a float32 tensor (num_groups,) with each group's current LR, computed on the host by
-library/training/schedules.py, so a new LR never recompiles the step. State (moments, step
-count) lives in Parameters named `<state>.<param name>`, so it can be saved and restored with the
-network. Updates are computed in float32 and written back in the parameter's dtype.
-
-Per-parameter updates go through `ops.HyperMap` over a `MultitypeFuncGraph`, the formulation of
-MindSpore's own nn.AdamWeightDecay, which compiles several times faster than a Python loop.
+The optimizer works on flat vectors (library.training.flat): `optimizer.layout` is the
+FlatLayout of its groups, `grads` holds one float32 gradient vector per segment
+(`layout.flatten(per_parameter_grads)`, or the grad step's flat buffers), and the state (moments,
+step count) is one flat Parameter per segment named `<state>.<segment name>`, saved and restored
+with the training state. So an update is a few kernels per parameter group whatever the number
+of LoRA tensors; only writing the new values back into the parameters is per tensor. `lrs` is a
+float32 tensor (num_groups,) with each group's current LR, computed on the host by
+library/training/schedules.py, so a new LR never recompiles the step. Updates are computed in
+float32 and written back in the parameters' dtype.
 """
 
 import math
@@ -23,6 +24,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
+
+from library.training.flat import FlatLayout
 
 F32 = ms.float32
 
@@ -38,67 +41,43 @@ def _f32(value):
 
 
 class GroupedOptimizer(nn.Cell):
-    """Parameters, per-parameter group index and the step counter shared by all optimizers."""
+    """The flat layout of the groups, each segment's group index and the step counter."""
 
     def __init__(self, groups: Sequence[ParamGroup]):
         super().__init__(auto_prefix=False)
         self.groups = list(groups)
-        params = [p for g in self.groups for p in g.params]
-        if not params:
-            raise ValueError("the optimizer got no parameters")
-        self.params = ParameterTuple(params)
-        # one constant per parameter: HyperMap passes it to the update, which reads lrs[group]
-        self.group_ids = tuple(Tensor(i, ms.int32) for i, g in enumerate(self.groups) for _ in g.params)
+        self.layout = FlatLayout(self.groups)
+        self.params = self.layout.params
+        self.segment_groups = tuple(s.group for s in self.layout.segments)
         self.step_count = Parameter(Tensor(0, ms.int32), name="optimizer.step", requires_grad=False)
-        self.hyper_map = ops.HyperMap()
 
     @property
     def base_lrs(self):
         return [g.lr for g in self.groups]
 
-    def state(self, prefix, params=None, shape=None):
-        """Zero float32 state, one Parameter per parameter (`shape(param)` overrides the shape)."""
-        params = self.params if params is None else params
-        return ParameterTuple(
-            Parameter(Tensor(np.zeros(shape(p) if shape else p.shape, dtype=np.float32)),
-                      name=f"{prefix}.{p.name}", requires_grad=False)
-            for p in params)
+    def state(self, prefix, used=True, sizes=None):
+        """Zero float32 state, one flat Parameter per segment named `<prefix>.<segment name>`, of
+        `sizes[k]` values (default: the segment's); a 1-value placeholder where `used` (a bool,
+        or one per segment) is False, so the state's names do not depend on the options."""
+        segments = self.layout.segments
+        used = used if isinstance(used, tuple) else (used,) * len(segments)
+        sizes = sizes or tuple(s.size for s in segments)
+        return ParameterTuple(Parameter(Tensor(np.zeros(n if u else 1, np.float32)),
+                                        name=f"{prefix}.{s.name}", requires_grad=False)
+                              for s, u, n in zip(segments, used, sizes))
+
+    def lr(self, lrs, k):
+        """Segment k's group LR, a float32 scalar."""
+        return lrs.astype(F32)[self.segment_groups[k]]
 
     def next_step(self):
         """Increment the step counter; returns the new count as float32."""
         step = self.step_count + 1
-        ops.assign(self.step_count, step)
+        self.step_count.copy_(step)
         return step.astype(F32)
 
 
-def _write(param, value):
-    return ops.assign(param, value.astype(param.dtype))
-
-
-def _lr(lrs, group_id):
-    return ops.gather(lrs.astype(F32), group_id, 0)
-
-
 # ----------------------------------------------------------------------------------------- AdamW
-
-_adamw = ops.MultitypeFuncGraph("adamw")
-
-
-@_adamw.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                 "Tensor", "Tensor", "Tensor", "Tensor")
-def _adamw_update(beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2_sqrt,
-                  lrs, group_id, param, exp_avg, exp_avg_sq, grad):
-    lr = _lr(lrs, group_id)
-    g = grad.astype(F32)
-    p = param.astype(F32) * (1 - lr * weight_decay)
-    m = exp_avg + (g - exp_avg) * (1 - beta1)  # torch: exp_avg.lerp_(grad, 1 - beta1)
-    v = exp_avg_sq * beta2 + g * g * (1 - beta2)
-    denom = ops.sqrt(v) / bias_correction2_sqrt + eps
-    p = p - (lr / bias_correction1) * m / denom
-    ops.assign(exp_avg, m)
-    ops.assign(exp_avg_sq, v)
-    return _write(param, p)
-
 
 class AdamW(GroupedOptimizer):
     """torch.optim.AdamW (decoupled weight decay, bias correction); torch's defaults."""
@@ -114,25 +93,22 @@ class AdamW(GroupedOptimizer):
         t = self.next_step()
         bias_correction1 = 1 - ops.pow(self.beta1, t)
         bias_correction2_sqrt = ops.sqrt(1 - ops.pow(self.beta2, t))
-        update = ops.partial(_adamw, self.beta1, self.beta2, self.eps, self.weight_decay,
-                             bias_correction1, bias_correction2_sqrt, lrs)
-        return self.hyper_map(update, self.group_ids, self.params, self.exp_avg, self.exp_avg_sq, grads)
+        params = self.layout.read()
+        new = ()
+        for k in range(len(self.segment_groups)):
+            lr = self.lr(lrs, k)
+            g = grads[k]
+            p = params[k] * (1 - lr * self.weight_decay)
+            m = self.exp_avg[k] + (g - self.exp_avg[k]) * (1 - self.beta1)  # torch: lerp_
+            v = self.exp_avg_sq[k] * self.beta2 + g * g * (1 - self.beta2)
+            denom = ops.sqrt(v) / bias_correction2_sqrt + self.eps
+            new = new + (p - (lr / bias_correction1) * m / denom,)
+            self.exp_avg[k].copy_(m)
+            self.exp_avg_sq[k].copy_(v)
+        return self.layout.write(new)
 
 
 # ------------------------------------------------------------------------------------------ Lion
-
-_lion = ops.MultitypeFuncGraph("lion")
-
-
-@_lion.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
-def _lion_update(beta1, beta2, weight_decay, lrs, group_id, param, exp_avg, grad):
-    lr = _lr(lrs, group_id)
-    g = grad.astype(F32)
-    p = param.astype(F32) * (1 - lr * weight_decay)
-    p = p - lr * ops.sign(exp_avg * beta1 + g * (1 - beta1))
-    ops.assign(exp_avg, exp_avg * beta2 + g * (1 - beta2))
-    return _write(param, p)
-
 
 class Lion(GroupedOptimizer):
     """lion_pytorch.Lion. With decoupled_weight_decay the decay is divided by the optimizer's
@@ -147,25 +123,18 @@ class Lion(GroupedOptimizer):
 
     def construct(self, grads, lrs):
         self.next_step()
-        update = ops.partial(_lion, self.beta1, self.beta2, self.weight_decay, lrs)
-        return self.hyper_map(update, self.group_ids, self.params, self.exp_avg, grads)
+        params = self.layout.read()
+        new = ()
+        for k in range(len(self.segment_groups)):
+            lr = self.lr(lrs, k)
+            g, m = grads[k], self.exp_avg[k]
+            p = params[k] * (1 - lr * self.weight_decay)
+            new = new + (p - lr * ops.sign(m * self.beta1 + g * (1 - self.beta1)),)
+            m.copy_(m * self.beta2 + g * (1 - self.beta2))
+        return self.layout.write(new)
 
 
 # ----------------------------------------------------------------------------------- SGDNesterov
-
-_sgd_nesterov = ops.MultitypeFuncGraph("sgd_nesterov")
-
-
-@_sgd_nesterov.register("Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
-def _sgd_nesterov_update(momentum, weight_decay, lrs, group_id, param, buf, grad):
-    lr = _lr(lrs, group_id)
-    p = param.astype(F32)
-    g = grad.astype(F32) + weight_decay * p
-    # torch starts the buffer at the first gradient; with dampening 0 that equals 0·m + g
-    b = buf * momentum + g
-    ops.assign(buf, b)
-    return _write(param, p - lr * (g + momentum * b))
-
 
 class SGDNesterov(GroupedOptimizer):
     """torch.optim.SGD(nesterov=True, dampening=0); kohya sets momentum 0.9 when not given."""
@@ -179,50 +148,74 @@ class SGDNesterov(GroupedOptimizer):
 
     def construct(self, grads, lrs):
         self.next_step()
-        update = ops.partial(_sgd_nesterov, self.momentum, self.weight_decay, lrs)
-        return self.hyper_map(update, self.group_ids, self.params, self.momentum_buffer, grads)
+        params = self.layout.read()
+        new = ()
+        for k in range(len(self.segment_groups)):
+            p = params[k]
+            g = grads[k] + self.weight_decay * p
+            # torch starts the buffer at the first gradient; with dampening 0 that equals 0·m + g
+            b = self.momentum_buffer[k] * self.momentum + g
+            self.momentum_buffer[k].copy_(b)
+            new = new + (p - self.lr(lrs, k) * (g + self.momentum * b),)
+        return self.layout.write(new)
 
 
 # ------------------------------------------------------------------------------------- Adafactor
 
-def _rms(x):
-    return ops.sqrt((x * x).mean())
+class _FactoredIndex(NamedTuple):
+    """Per segment, which row / column / tensor each value belongs to, so that the per-matrix
+    reductions of Adafactor are one unsorted_segment_sum each over the whole segment."""
+    tensor_ids: Tensor      # (size,) int32: the tensor of each value
+    tensor_counts: Tensor   # (tensors,) float32: values per tensor
+    factored: Tensor        # (size,) bool: the value belongs to a tensor of rank >= 2
+    row_ids: Tensor         # (size,) int32: its row (shape[:-1] index); 0 when not factored
+    col_ids: Tensor         # (size,) int32: its column (shape[:-2] + shape[-1:] index); 0 ditto
+    row_div: Tensor         # (rows,) float32: the length of each row (shape[-1])
+    col_div: Tensor         # (cols,) float32: the length of each column (shape[-2])
+    row_group_ids: Tensor   # (rows,) int32: rows averaged together (the last row axis, shape[-2])
+    row_group_div: Tensor   # (row groups,) float32: rows per row group
+    sizes: tuple            # python ints: tensors, rows, cols, row groups
 
 
-_adafactor = ops.MultitypeFuncGraph("adafactor")
+def _factored_index(shapes):
+    tensor_ids, factored, row_ids, col_ids = [], [], [], []
+    row_div, col_div, row_group_ids, row_group_div = [], [], [], []
+    for t, shape in enumerate(shapes):
+        n = int(np.prod(shape))
+        local = np.arange(n)
+        tensor_ids.append(np.full(n, t))
+        if len(shape) < 2:
+            factored.append(np.zeros(n, bool))
+            row_ids.append(np.zeros(n, np.int64))
+            col_ids.append(np.zeros(n, np.int64))
+            continue
+        a, b = shape[-2], shape[-1]
+        rows, cols = n // b, n // a
+        factored.append(np.ones(n, bool))
+        row_ids.append(len(row_div) + local // b)
+        col_ids.append(len(col_div) + (local // (a * b)) * b + local % b)
+        row_group_ids.append(len(row_group_div) + np.arange(rows) // a)
+        row_div.extend([b] * rows)
+        col_div.extend([a] * cols)
+        row_group_div.extend([a] * (rows // a))
+    counts = [int(np.prod(s)) for s in shapes]
+
+    def ints(parts):
+        return Tensor(np.concatenate(parts).astype(np.int32) if parts else np.zeros(1, np.int32))
+
+    def floats(values):
+        return Tensor(np.asarray(values or [1], np.float32))
+
+    return _FactoredIndex(ints(tensor_ids), floats(counts), Tensor(np.concatenate(factored)),
+                          ints(row_ids), ints(col_ids), floats(row_div), floats(col_div),
+                          ints(row_group_ids), floats(row_group_div),
+                          (len(shapes), len(row_div), len(col_div), len(row_group_div)))
 
 
-@_adafactor.register("Tuple", "Tensor", "Tensor", "Tensor", "Tensor", "Bool", "Tensor", "Tensor",
-                     "Tensor", "Tensor", "Tensor", "Tensor", "Tensor")
-def _adafactor_update(cfg, eps1, beta2t, relative_step_size, lrs, factored, group_id, param,
-                      exp_avg, row, col, exp_avg_sq, grad):
-    clip_threshold, beta1, weight_decay, eps2, use_first_moment, relative_step, scale_parameter = cfg
-    g = grad.astype(F32)
-    p = param.astype(F32)
-    lr = relative_step_size if relative_step else _lr(lrs, group_id)
-    if scale_parameter:
-        lr = lr * ops.maximum(eps2, _rms(p))
-    sq = g * g + eps1
-    if factored:  # rank >= 2: row and column means of the squared gradient
-        r = row * beta2t + sq.mean(axis=-1) * (1 - beta2t)
-        c = col * beta2t + sq.mean(axis=-2) * (1 - beta2t)
-        ops.assign(row, r)
-        ops.assign(col, c)
-        r_factor = ops.rsqrt(r / r.mean(axis=-1, keep_dims=True)).expand_dims(-1)
-        update = r_factor * ops.rsqrt(c).expand_dims(-2) * g
-    else:
-        v = exp_avg_sq * beta2t + sq * (1 - beta2t)
-        ops.assign(exp_avg_sq, v)
-        update = ops.rsqrt(v) * g
-    update = update / ops.maximum(_rms(update) / clip_threshold, 1.0) * lr
-    if use_first_moment:
-        update = exp_avg * beta1 + update * (1 - beta1)
-        ops.assign(exp_avg, update)
-    return _write(param, p - p * (weight_decay * lr) - update)
-
-
-def _placeholder(p):
-    return (1,)
+def _per_tensor_rms(x, index):
+    """RMS of each tensor's values in a flat segment, gathered back to the values."""
+    mean_sq = ops.unsorted_segment_sum(x * x, index.tensor_ids, index.sizes[0]) / index.tensor_counts
+    return ops.gather(ops.sqrt(mean_sq), index.tensor_ids, 0)
 
 
 class Adafactor(GroupedOptimizer):
@@ -231,8 +224,15 @@ class Adafactor(GroupedOptimizer):
     relative_step=True (default): the step size is min(1e-2, 1/sqrt(step)) (warmup_init:
     min(1e-6·step, 1/sqrt(step))) and the `lrs` input is ignored; relative_step=False: the group's
     LR. scale_parameter multiplies the step size by max(eps[1], RMS(param)). Parameters of rank
-    >= 2 keep factored second moments (row and column means), others a full one; state a
-    parameter does not use is a 1-element placeholder.
+    >= 2 keep factored second moments (row and column means), others a full one.
+
+    Its per-matrix quantities (row and column means, each tensor's RMS and update clipping) are
+    unsorted_segment_sum reductions over the flat segment with constant index vectors
+    (_FactoredIndex), so the update is a fixed number of kernels per segment; the row and column
+    moments of all matrices of a segment sit in one vector each (`exp_avg_sq_row` /
+    `exp_avg_sq_col`). `exp_avg_sq` holds the full moments of the rank-1 tensors at their
+    positions (zero elsewhere), a placeholder in a segment without any; `exp_avg` is a placeholder
+    without beta1.
     """
 
     def __init__(self, groups, eps=(1e-30, 1e-3), clip_threshold=1.0, decay_rate=-0.8, beta1=None,
@@ -240,76 +240,82 @@ class Adafactor(GroupedOptimizer):
         super().__init__(groups)
         if warmup_init and not relative_step:
             raise ValueError("Adafactor's warmup_init needs relative_step")
-        self.eps1 = _f32(eps[0])
+        self.eps1, self.eps2 = _f32(eps[0]), _f32(eps[1])
         self.decay_rate = _f32(decay_rate)
+        self.clip_threshold, self.beta1 = _f32(clip_threshold), _f32(beta1 or 0.0)
+        self.weight_decay = _f32(weight_decay)
         self.relative_step, self.warmup_init = relative_step, warmup_init
-        use_first_moment = beta1 is not None
-        self.cfg = (_f32(clip_threshold), _f32(beta1 or 0.0), _f32(weight_decay), _f32(eps[1]),
-                    use_first_moment, relative_step, scale_parameter)
-        self.factored = tuple(len(p.shape) >= 2 for p in self.params)
-
-        def row_shape(p):
-            return p.shape[:-1] if len(p.shape) >= 2 else (1,)
-
-        def col_shape(p):
-            return p.shape[:-2] + p.shape[-1:] if len(p.shape) >= 2 else (1,)
-
-        def full_shape(p):
-            return (1,) if len(p.shape) >= 2 else p.shape
-
-        self.exp_avg = self.state("exp_avg", None, None if use_first_moment else _placeholder)
-        self.exp_avg_sq_row = self.state("exp_avg_sq_row", None, row_shape)
-        self.exp_avg_sq_col = self.state("exp_avg_sq_col", None, col_shape)
-        self.exp_avg_sq = self.state("exp_avg_sq", None, full_shape)
+        self.scale_parameter = scale_parameter
+        self.use_first_moment = beta1 is not None
+        layout = self.layout
+        self.index = tuple(_factored_index(layout.shapes[s.start:s.stop]) for s in layout.segments)
+        # static per segment: which of the two kinds of second moment it needs
+        self.has_factored = tuple(i.sizes[1] > 0 for i in self.index)
+        self.has_full = tuple(any(len(sh) < 2 for sh in layout.shapes[s.start:s.stop])
+                              for s in layout.segments)
+        self.exp_avg = self.state("exp_avg", self.use_first_moment)
+        self.exp_avg_sq_row = self.state("exp_avg_sq_row", self.has_factored,
+                                         tuple(i.sizes[1] for i in self.index))
+        self.exp_avg_sq_col = self.state("exp_avg_sq_col", self.has_factored,
+                                         tuple(i.sizes[2] for i in self.index))
+        self.exp_avg_sq = self.state("exp_avg_sq", self.has_full)
 
     def construct(self, grads, lrs):
         t = self.next_step()
         min_step = t * 1e-6 if self.warmup_init else ops.ones_like(t) * 1e-2
         relative_step_size = ops.minimum(min_step, ops.rsqrt(t))
         beta2t = 1 - ops.pow(t, self.decay_rate)
-        update = ops.partial(_adafactor, self.cfg, self.eps1, beta2t, relative_step_size, lrs)
-        return self.hyper_map(update, self.factored, self.group_ids, self.params, self.exp_avg,
-                              self.exp_avg_sq_row, self.exp_avg_sq_col, self.exp_avg_sq, grads)
+        params = self.layout.read()
+        new = ()
+        for k in range(len(self.segment_groups)):
+            new = new + (self._update(k, params[k], grads[k], lrs, relative_step_size, beta2t),)
+        return self.layout.write(new)
+
+    def _update(self, k, p, g, lrs, relative_step_size, beta2t):
+        index = self.index[k]
+        lr = relative_step_size if self.relative_step else self.lr(lrs, k)
+        if self.scale_parameter:
+            lr = lr * ops.maximum(self.eps2, _per_tensor_rms(p, index))
+        sq = g * g + self.eps1
+        if not self.has_full[k]:
+            update = self._factored(k, index, sq, g, beta2t)
+        elif not self.has_factored[k]:
+            update = self._full(k, sq, g, beta2t)
+        else:
+            factored = index.factored
+            update = ops.select(factored, self._factored(k, index, sq, g, beta2t),
+                                self._full(k, sq, g, beta2t, factored))
+        update = update / ops.maximum(_per_tensor_rms(update, index) / self.clip_threshold, 1.0) * lr
+        if self.use_first_moment:
+            update = self.exp_avg[k] * self.beta1 + update * (1 - self.beta1)
+            self.exp_avg[k].copy_(update)
+        return p - p * (self.weight_decay * lr) - update
+
+    def _factored(self, k, index, sq, g, beta2t):
+        """The update of the rank >= 2 tensors: row and column moments (zero at the others)."""
+        _, rows, cols, row_groups = index.sizes
+        sq = ops.select(index.factored, sq, ops.zeros_like(sq))
+        row_mean = ops.unsorted_segment_sum(sq, index.row_ids, rows) / index.row_div
+        col_mean = ops.unsorted_segment_sum(sq, index.col_ids, cols) / index.col_div
+        r = self.exp_avg_sq_row[k] * beta2t + row_mean * (1 - beta2t)
+        c = self.exp_avg_sq_col[k] * beta2t + col_mean * (1 - beta2t)
+        self.exp_avg_sq_row[k].copy_(r)
+        self.exp_avg_sq_col[k].copy_(c)
+        r_mean = ops.unsorted_segment_sum(r, index.row_group_ids, row_groups) / index.row_group_div
+        r_factor = ops.rsqrt(r / ops.gather(r_mean, index.row_group_ids, 0))
+        return ops.gather(r_factor, index.row_ids, 0) * ops.gather(ops.rsqrt(c), index.col_ids, 0) * g
+
+    def _full(self, k, sq, g, beta2t, factored=None):
+        """The update of the rank-1 tensors: a full second moment (kept at zero where
+        `factored`, so the saved state holds only what it means)."""
+        v = self.exp_avg_sq[k] * beta2t + sq * (1 - beta2t)
+        if factored is not None:
+            v = ops.select(factored, ops.zeros_like(v), v)
+        self.exp_avg_sq[k].copy_(v)
+        return ops.rsqrt(v) * g
 
 
 # --------------------------------------------------------------------------------------- Prodigy
-
-_prodigy_apply = ops.MultitypeFuncGraph("prodigy_apply")
-
-
-def _prodigy_moments(cfg, d_ratio, d, s_scale, lrs, group_id, param, p0, exp_avg, exp_avg_sq, s,
-                     grad):
-    """First pass for one parameter: moments and s; returns [numerator term, sum|s|]."""
-    beta1, beta2, beta3, coupled_decay, has_first_moment = cfg
-    p = param.astype(F32)
-    g = grad.astype(F32) + coupled_decay * p  # weight_decay > 0 with decouple=False
-    active = _lr(lrs, group_id) > 0  # prodigyopt skips groups whose LR is 0
-    on = ops.broadcast_to(active, p.shape)
-    zero = ops.zeros((), F32)
-    numerator = ops.select(active, (g * (p0 - p)).sum(), zero)
-    if has_first_moment:
-        ops.assign(exp_avg, ops.select(on, exp_avg * beta1 + g * (d * (1 - beta1)), exp_avg))
-    ops.assign(exp_avg_sq, ops.select(on, exp_avg_sq * beta2 + g * g * (d * d * (1 - beta2)), exp_avg_sq))
-    s_new = ops.select(on, s * beta3 + g * (d_ratio * s_scale), s)
-    ops.assign(s, s_new)
-    return ops.stack((numerator, ops.select(active, ops.abs(s_new).sum(), zero)))
-
-
-@_prodigy_apply.register("Tuple", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor", "Tensor",
-                         "Tensor")
-def _prodigy_apply_update(cfg, proceed, dlr, d, param, exp_avg, exp_avg_sq, grad):
-    """Second pass: the parameter update (skipped entirely when `proceed` is False)."""
-    eps, coupled_decay, decoupled_decay, has_first_moment = cfg
-    p = param.astype(F32)
-    grad = grad.astype(F32) + coupled_decay * p  # as the first pass saw it
-    denom = ops.sqrt(exp_avg_sq) + d * eps
-    new = p - p * (decoupled_decay * dlr)
-    if has_first_moment:
-        new = new - dlr * exp_avg / denom
-    else:
-        new = new - dlr * d * grad / denom
-    return _write(param, ops.select(ops.broadcast_to(proceed, p.shape), new, p))
-
 
 class Prodigy(GroupedOptimizer):
     """prodigyopt.Prodigy (slice_p=1, no FSDP): Adam whose step size d·lr is estimated online.
@@ -331,17 +337,15 @@ class Prodigy(GroupedOptimizer):
         self.beta1, self.beta2, self.beta3 = _f32(beta1), _f32(beta2), _f32(beta3)
         self.use_bias_correction, self.safeguard_warmup = use_bias_correction, safeguard_warmup
         self.d0, self.d_coef, self.growth_rate = _f32(d0), _f32(d_coef), _f32(growth_rate)
-        has_first_moment = beta1 > 0
-        coupled_decay = _f32(0.0 if decouple else weight_decay)
-        self.moments_cfg = (self.beta1, self.beta2, self.beta3, coupled_decay, has_first_moment)
-        self.apply_cfg = (_f32(eps), coupled_decay, _f32(weight_decay if decouple else 0.0),
-                          has_first_moment)
+        self.has_first_moment = beta1 > 0
+        self.eps = _f32(eps)
+        self.coupled_decay = _f32(0.0 if decouple else weight_decay)
+        self.decoupled_decay = _f32(weight_decay if decouple else 0.0)
         self.d = Parameter(_f32(d0), name="prodigy.d", requires_grad=False)
         self.d_max = Parameter(_f32(d0), name="prodigy.d_max", requires_grad=False)
         self.d_numerator = Parameter(_f32(0.0), name="prodigy.d_numerator", requires_grad=False)
-        self.p0 = ParameterTuple(Parameter(Tensor(p.asnumpy().astype(np.float32)), name=f"p0.{p.name}",
-                                           requires_grad=False) for p in self.params)
-        self.exp_avg = self.state("exp_avg", None, None if has_first_moment else _placeholder)
+        self.p0 = self.layout.initial("p0")
+        self.exp_avg = self.state("exp_avg", self.has_first_moment)
         self.exp_avg_sq = self.state("exp_avg_sq")
         self.s = self.state("s")
 
@@ -355,16 +359,30 @@ class Prodigy(GroupedOptimizer):
             bias_correction = ops.sqrt(1 - ops.pow(self.beta2, k + 1)) / (1 - ops.pow(self.beta1, k + 1))
         dlr = d * lr * bias_correction
         s_scale = d if self.safeguard_warmup else dlr
-        # A Python loop (unrolled when compiled), not HyperMap: d needs the sum over all
-        # parameters, and in MindSpore 2.7 graph mode HyperMap's outputs have no static dtype
-        # while side effects of a HyperMap whose outputs are consumed were observed to be lost.
-        sums = ops.zeros((2,), F32)
-        for i in range(len(self.params)):
-            sums = sums + _prodigy_moments(self.moments_cfg, d / self.d0, d, s_scale, lrs,
-                                           self.group_ids[i], self.params[i], self.p0[i],
-                                           self.exp_avg[i], self.exp_avg_sq[i], self.s[i], grads[i])
-        delta_numerator = sums[0] * (d / self.d0) * dlr
-        d_denom = sums[1]
+        d_ratio = d / self.d0
+        params = self.layout.read()
+        zero = ops.zeros((), F32)
+        numerator, d_denom = zero, zero
+        first, second, decayed = (), (), ()
+        # first pass: moments and s of every segment, and the sums that give d
+        for i in range(len(self.segment_groups)):
+            p = params[i]
+            g = grads[i] + self.coupled_decay * p  # weight_decay > 0 with decouple=False
+            active = self.lr(lrs, i) > 0  # prodigyopt skips groups whose LR is 0
+            on = ops.broadcast_to(active, p.shape)
+            numerator = numerator + ops.select(active, (g * (self.p0[i] - p)).sum(), zero)
+            m = self.exp_avg[i]
+            if self.has_first_moment:
+                m = ops.select(on, m * self.beta1 + g * (d * (1 - self.beta1)), m)
+                self.exp_avg[i].copy_(m)
+            v = ops.select(on, self.exp_avg_sq[i] * self.beta2 + g * g * (d * d * (1 - self.beta2)),
+                           self.exp_avg_sq[i])
+            self.exp_avg_sq[i].copy_(v)
+            s_new = ops.select(on, self.s[i] * self.beta3 + g * (d_ratio * s_scale), self.s[i])
+            self.s[i].copy_(s_new)
+            d_denom = d_denom + ops.select(active, ops.abs(s_new).sum(), zero)
+            first, second, decayed = first + (m,), second + (v,), decayed + (g,)
+        delta_numerator = numerator * d_ratio * dlr
         # prodigyopt returns before touching d or the parameters when sum|s| is 0
         proceed = d_denom > 0
         global_numerator = self.d_numerator * self.beta3 + delta_numerator
@@ -372,9 +390,19 @@ class Prodigy(GroupedOptimizer):
         d_new = ops.select(ops.logical_and(proceed, d == self.d0), ops.maximum(d, d_hat), d)
         d_max_new = ops.maximum(d_max, d_hat)
         d_new = ops.minimum(d_max_new, d_new * self.growth_rate)
-        ops.assign(self.d, ops.select(proceed, d_new, d))
-        ops.assign(self.d_max, ops.select(proceed, d_max_new, d_max))
-        ops.assign(self.d_numerator, ops.select(proceed, global_numerator, self.d_numerator))
-        ops.assign(self.step_count, self.step_count + proceed.astype(ms.int32))
-        return self.hyper_map(ops.partial(_prodigy_apply, self.apply_cfg, proceed, dlr, d_new),
-                              self.params, self.exp_avg, self.exp_avg_sq, grads)
+        self.d.copy_(ops.select(proceed, d_new, d))
+        self.d_max.copy_(ops.select(proceed, d_max_new, d_max))
+        self.d_numerator.copy_(ops.select(proceed, global_numerator, self.d_numerator))
+        self.step_count.copy_(self.step_count + proceed.astype(ms.int32))
+        # second pass: the parameter update (all of it skipped when `proceed` is False)
+        new = ()
+        for i in range(len(self.segment_groups)):
+            p = params[i]
+            denom = ops.sqrt(second[i]) + d_new * self.eps
+            value = p - p * (self.decoupled_decay * dlr)
+            if self.has_first_moment:
+                value = value - dlr * first[i] / denom
+            else:
+                value = value - dlr * d_new * decayed[i] / denom
+            new = new + (ops.select(ops.broadcast_to(proceed, p.shape), value, p),)
+        return self.layout.write(new)

@@ -3,10 +3,13 @@ needs to continue exactly where it stopped.
 
 A state folder holds
     train_state.json      kohya's {"current_epoch", "current_step"} plus what kohya does not keep:
-                          the data position inside the epoch, the seed, the running loss sums and
-                          the names and shapes of every saved tensor (checked on resume)
+                          the data position inside the epoch, the seed, the running loss sums,
+                          the names and shapes of every saved tensor and the optimizer's flat
+                          layout (which parameter sits where in each flat state vector; all
+                          checked on resume)
     network.safetensors   the trainable LoRA parameters, float32, by parameter name
-    optimizer.safetensors every other Parameter of the apply step: optimizer moments and step
+    optimizer.safetensors every other Parameter of the apply step: the optimizer's flat moments
+                          (one vector per parameter group, library.training.flat) and step
                           counter, Prodigy's d, the fp16 loss scale ... (not the gradient buffers,
                           which are zero after an optimizer step)
 
@@ -34,7 +37,9 @@ from library.safetensors_io import SafetensorsFile, write_atomically, write_safe
 PROGRESS_FILE = "train_state.json"
 NETWORK_FILE = "network.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
-FORMAT = "sdxl-mindspore-lora-state/1"
+FORMAT = "sdxl-mindspore-lora-state/2"
+# /1: the optimizer state was one tensor per LoRA parameter (before the flat layout)
+PER_TENSOR_FORMAT = "sdxl-mindspore-lora-state/1"
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +76,8 @@ def save_state(folder, trainable, apply_step, progress):
         write_safetensors(os.path.join(tmp, NETWORK_FILE), _tensors(network))
         write_safetensors(os.path.join(tmp, OPTIMIZER_FILE), _tensors(optimizer))
         record = {"format": FORMAT, **progress, "saved_at": time.time(),
-                  "network_tensors": _shapes(network), "optimizer_tensors": _shapes(optimizer)}
+                  "network_tensors": _shapes(network), "optimizer_tensors": _shapes(optimizer),
+                  "flat_layout": apply_step.optimizer.layout.description()}
         # last: a folder whose progress file is missing or partial is not a state
         write_atomically(os.path.join(tmp, PROGRESS_FILE),
                          [json.dumps(record, indent=1).encode()])
@@ -109,6 +115,14 @@ def read_progress(folder):
                         "folder (written by --save_state)") from None
     except (OSError, ValueError) as e:
         raise UserError(f"--resume {folder}: {PROGRESS_FILE} is unreadable ({e})") from None
+    if record.get("format") == PER_TENSOR_FORMAT:
+        raise UserError(f"--resume {folder}: this state was saved by an earlier version of this "
+                        "trainer, which kept the optimizer state per LoRA tensor; this version "
+                        "keeps it in flat vectors per parameter group and cannot resume it. "
+                        "Start a new run from the LoRA file saved at the same step "
+                        f"(--network_weights <output_dir>/<name>-step{record.get('current_step', 0):08d}"
+                        ".safetensors, or the epoch's file), or resume with the version that "
+                        "saved it")
     if record.get("format") != FORMAT:
         raise UserError(f"--resume {folder}: {PROGRESS_FILE} is not a state of this trainer "
                         f"(format {record.get('format')!r}, expected {FORMAT!r}); kohya's PyTorch "
@@ -170,6 +184,14 @@ def load_state(folder, trainable, apply_step):
     network, optimizer = state_parameters(trainable, apply_step)
     _restore(network, os.path.join(folder, NETWORK_FILE), record["network_tensors"], folder,
              "LoRA network")
+    layout = apply_step.optimizer.layout.description()
+    if record["flat_layout"] != layout:
+        saved = [(g["name"], len(g["params"])) for g in record["flat_layout"]]
+        ours = [(g["name"], len(g["params"])) for g in layout]
+        raise UserError(f"--resume {folder}: its optimizer state is laid out for other parameter "
+                        f"groups (segments and tensor counts {saved}, this run's {ours}, or the "
+                        "same counts in another order); resume with the saved run's network, "
+                        "--text_encoder_lr / --unet_lr and network_args")
     _restore(optimizer, os.path.join(folder, OPTIMIZER_FILE), record["optimizer_tensors"], folder,
              "optimizer state")
     return record

@@ -10,10 +10,17 @@ loss before the batch mean.
 (--max_grad_norm, 0 = off), the optimizer update with the step's learning rates (a tensor input,
 so a new LR never recompiles), and zeroed buffers. It returns the gradient norm.
 
+The gradient buffers are flat: one float32 vector per segment of the optimizer's FlatLayout
+(library.training.flat; one per parameter group), which the grad step adds the concatenated
+gradients into. So the apply step (division, all-reduce, norm, clipping, the optimizer, zeroing)
+runs a fixed number of kernels per group, and only the final write into the LoRA parameters is
+per tensor.
+
 With `--mixed_precision fp16` a DynamicLossScaler (library.training.grads) is a child of
 `ApplyStep` and `GradStep` reads its scale Parameter: the grad step differentiates the scaled loss
 (so the buffers hold scaled gradients, also across accumulation), and the apply step unscales,
-checks that every gradient is finite, clips, updates only when they are, and adjusts the scale.
+checks from the global norm that every gradient is finite, clips, updates only when they are,
+and adjusts the scale.
 Without it (no, bf16) neither graph holds any of this.
 
 Every random number comes in as an input (drawn on the host from seeded generators), so a step
@@ -24,11 +31,10 @@ graph never depends on the noise options' random state.
 from typing import NamedTuple
 
 import mindspore as ms
-from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
-import numpy as np
+from mindspore import nn, ops, Tensor
 
 from library.conditioning import encode_ids, vector_condition
-from library.training.grads import clip_by_global_norm
+from library.training.grads import clip_to_norm, global_norm
 
 
 class StepLayout(NamedTuple):
@@ -76,7 +82,7 @@ class GradStep(nn.Cell):
     ignored); the noise inputs are `library.training.noise.NoiseDraws`.
     """
 
-    def __init__(self, models, trainable, forward_diffusion, loss, layout: StepLayout,
+    def __init__(self, models, flat, forward_diffusion, loss, layout: StepLayout,
                  weight_dtype=ms.float32, vae_dtype=ms.float32, loss_scale=None):
         super().__init__(auto_prefix=False)
         # fp16: the DynamicLossScaler's scale Parameter, shared with ApplyStep, which updates it
@@ -96,10 +102,11 @@ class GradStep(nn.Cell):
         self.weighted, self.masked = layout.weighted, layout.masked
         self.weight_dtype = weight_dtype
         self.vae_dtype = vae_dtype
-        self.trainable = ParameterTuple(trainable)
-        self.grad_buffers = ParameterTuple(
-            Parameter(Tensor(np.zeros(p.shape, np.float32)), name=f"grad_buffer.{p.name}",
-                      requires_grad=False) for p in trainable)
+        # flat: the optimizer's FlatLayout (library.training.flat); the gradients of its
+        # parameters, in its order, accumulate into one float32 buffer per segment
+        self.flat = flat
+        self.trainable = flat.params
+        self.grad_buffers = flat.zeros("grad_buffer")
         self.value_and_grad = ms.value_and_grad(self.forward_loss, None, self.trainable,
                                                 has_aux=True)
         self.hyper_map = ops.HyperMap()
@@ -135,7 +142,7 @@ class GradStep(nn.Cell):
 
     def construct(self, *inputs):
         (loss, per_sample), grads = self.value_and_grad(*inputs)
-        self.hyper_map(ops.assign_add, self.grad_buffers, grads)
+        self.hyper_map(ops.assign_add, self.grad_buffers, self.flat.flatten(grads))
         if self.scaled:
             loss = per_sample.mean()    # the loss, not the scaled one the gradients came from
         return loss, per_sample
@@ -153,27 +160,13 @@ class ForwardLoss(nn.Cell):
         return self.grad_step.forward_loss(*inputs)
 
 
-_divide = ops.MultitypeFuncGraph("divide")
-_zero = ops.MultitypeFuncGraph("zero")
-
-
-@_divide.register("Tensor", "Tensor")
-def _divide_tensor(count, grad):
-    return grad / count
-
-
-@_zero.register("Tensor")
-def _zero_tensor(buffer):
-    return ops.assign(buffer, ops.zeros_like(buffer))
-
-
 class ApplyStep(nn.Cell):
     """`construct(lrs, accumulation) -> grad_norm`: update from the accumulated gradients."""
 
     def __init__(self, grad_buffers, optimizer, max_grad_norm, loss_scaler=None,
                  grad_mean=None):
         super().__init__(auto_prefix=False)
-        self.grad_buffers = grad_buffers
+        self.grad_buffers = grad_buffers     # GradStep.grad_buffers: flat, in the optimizer's layout
         # data parallel: library.training.distributed.GradientMean, averaging over the ranks
         # before clipping, so the norm and the update are the same on every rank
         self.grad_mean = grad_mean
@@ -182,17 +175,18 @@ class ApplyStep(nn.Cell):
         self.loss_scaler = loss_scaler      # a child Cell: its Parameters are saved with the state
         # 0 turns clipping off (kohya); the norm is still computed for the log
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else float("inf")
-        self.hyper_map = ops.HyperMap()
 
     def construct(self, lrs, accumulation):
-        grads = self.hyper_map(ops.partial(_divide, accumulation), self.grad_buffers)
+        grads = ()
+        for buffer in self.grad_buffers:
+            grads = grads + (buffer / accumulation,)
         if self.grad_mean is not None:
             grads = self.grad_mean(grads)
         if self.scaled:
             return self._scaled_update(grads, lrs)
-        grads, norm = clip_by_global_norm(grads, self.max_grad_norm)
-        self.optimizer(grads, lrs)
-        self.hyper_map(_zero, self.grad_buffers)
+        norm = global_norm(grads)
+        self.optimizer(clip_to_norm(grads, norm, self.max_grad_norm), lrs)
+        self._zero_buffers()
         return norm
 
     def _scaled_update(self, grads, lrs):
@@ -200,10 +194,15 @@ class ApplyStep(nn.Cell):
         update the scale. A skipped step leaves weights and optimizer state (its step count
         too) as they were; the returned norm is then not finite."""
         grads = self.loss_scaler.unscale(grads)
-        finite = self.loss_scaler.all_finite(grads)
-        grads, norm = clip_by_global_norm(grads, self.max_grad_norm)
+        norm = global_norm(grads)
+        finite = ops.isfinite(norm)
+        grads = clip_to_norm(grads, norm, self.max_grad_norm)
         if finite:
             self.optimizer(grads, lrs)
         self.loss_scaler.update(finite)
-        self.hyper_map(_zero, self.grad_buffers)
+        self._zero_buffers()
         return norm
+
+    def _zero_buffers(self):
+        for buffer in self.grad_buffers:
+            buffer.copy_(ops.zeros_like(buffer))   # InplaceZero has no CPU kernel

@@ -156,7 +156,7 @@ def step(a):
 def main():
     x = Tensor(np.ones((32, 32), np.float32))
     with StopRequests() as stop:
-        stop.training = True
+        stop.start_training()
         for i in range(10 ** 6):
             step(x)
             if i == 2:

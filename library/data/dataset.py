@@ -25,7 +25,7 @@ import numpy as np
 from library.data import images
 from library.data.buckets import BucketChoice, BucketSelector, adjust_min_max_bucket_reso, size_conditioning
 from library.data.captions import metadata_caption, metadata_tags, process_caption, read_caption_file
-from library.errors import UserError
+from library.errors import UserError, read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -419,7 +419,6 @@ def _finetune_entries(subset, sized, tag_texts=None):
     path = subset.metadata_file
     if not os.path.isfile(path):
         raise UserError(f"{subset.where}: metadata_file {path} not found")
-    from library.generation.prompts import read_utf8
     text = read_utf8(path, f"{subset.where}: metadata_file")
     try:
         if path.lower().endswith(".jsonl"):

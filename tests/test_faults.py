@@ -664,6 +664,16 @@ def test_images_without_a_metadata_entry_and_dangling_links_are_warned_about(tmp
     assert "1 image link(s) point to a missing file and are left out: link.png" in caplog.text
 
 
+def test_absolute_metadata_keys_with_a_relative_image_dir_are_not_called_unlisted(
+        tmp_path, monkeypatch, caplog):
+    _png(tmp_path / "a.png")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({str(tmp_path / "a.png"): {"tags": "red"}}))
+    monkeypatch.chdir(tmp_path)
+    _group(tmp_path, is_dreambooth=False, image_dir=".", metadata_file=str(meta))
+    assert "not trained" not in caplog.text
+
+
 def test_a_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
     from PIL import Image
     from library.data.images import load_image

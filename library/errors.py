@@ -1,4 +1,6 @@
-"""The one exception type for mistakes a user can fix (bad file, bad option, bad TOML key).
+"""The one exception type for mistakes a user can fix (bad file, bad option, bad TOML key), and
+`read_utf8`, the text-file reader whose failures are such mistakes (every module reads its text
+files through it).
 
 Command-line entry points catch it, print its message without a traceback and exit with code 2
 (a subclass may set its own `exit_code` and `label`: an interrupted run exits with 130, as a
@@ -21,3 +23,16 @@ def exit_on_user_error(main):
     except UserError as e:
         print(f"{e.label}: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+
+
+def read_utf8(path, what):
+    """The text of a UTF-8 file, without the byte-order mark Windows editors put first; a
+    UserError naming `what` (e.g. "prompt file") and the path if it cannot be read or decoded."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                        "re-save it as UTF-8") from None

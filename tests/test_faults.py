@@ -102,132 +102,39 @@ def test_a_short_disk_is_warned_about_with_the_numbers(tmp_path):
     assert free_space_warning(str(tmp_path), writes, free=100 * 1024 ** 2) is None
 
 
-# --- 3. temp entries a killed save left -------------------------------------------------------
-
-def _dead_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid     # not reused this soon on Linux (pids count up)
-
-
-def test_stale_temp_entries_are_removed_and_live_ones_kept(tmp_path, caplog):
-    from library.training.saving import remove_stale_temp
-    caplog.set_level("INFO")
-    dead, now = _dead_pid(), time.time()
-    (tmp_path / f".tmp-{dead}-abcd1234mem.safetensors").write_bytes(b"half a LoRA")
-    (tmp_path / f".tmp-{dead}-mem-state").mkdir()
-    (tmp_path / f".tmp-{dead}-mem-state" / "network.safetensors").write_bytes(b"half")
-    (tmp_path / f".tmp-{os.getpid()}-xyz_other.safetensors").write_bytes(b"being written now")
-    old = tmp_path / ".tmp-mem-state-123"      # an earlier version's name, without a pid first
-    old.mkdir()
-    os.utime(old, (now - 7200, now - 7200))
-    (tmp_path / ".tmp-q1w2e3r4new.safetensors").write_bytes(b"recent, owner unknown")
-    (tmp_path / "mem.safetensors").write_bytes(b"a finished LoRA")
-    removed = remove_stale_temp(str(tmp_path), now=now)
-    assert sorted(removed) == sorted([".tmp-mem-state-123", f".tmp-{dead}-mem-state",
-                                      f".tmp-{dead}-abcd1234mem.safetensors"])
-    assert sorted(os.listdir(tmp_path)) == sorted([
-        f".tmp-{os.getpid()}-xyz_other.safetensors", ".tmp-q1w2e3r4new.safetensors",
-        "mem.safetensors"])
-    assert "removed 3 temp file(s)" in caplog.text
+def test_disk_caches_are_counted_per_image_folder(tmp_path):
+    from library.training.saving import CACHES_HINT, disk_cache_writes, free_space_warning
+    folder = tmp_path / "img"
+    folder.mkdir()
+    for name in ("a.png", "b.png"):
+        _png(folder / name)
+    group = _group(folder, image_dir=str(folder), class_tokens="sks", flip_aug=True)
+    writes = disk_cache_writes(group, latents=True, text=True, text_tokens=77)
+    latent = 4 * (64 // 8) * (64 // 8) * 4 * 2     # float32, and flipped too
+    assert writes == {str(folder): [("latent caches", 2 * latent),
+                                    ("text-encoder caches", 2 * (77 * 2048 + 1280) * 4)]}
+    warning = free_space_warning(str(folder), writes[str(folder)], free=1000,
+                                 label="the image folder", hint=CACHES_HINT)
+    assert warning.startswith(f"the image folder {folder} has 1000 B free") and "in memory" in warning
 
 
-def test_temp_names_carry_the_writer_pid(tmp_path, monkeypatch):
-    """What remove_stale_temp relies on: both temp writers put their pid first."""
-    import library.safetensors_io as io
-    import library.training.state as state
-    seen = []
-    real_replace = os.replace
-    monkeypatch.setattr(os, "replace", lambda a, b: (seen.append(os.path.basename(a)),
-                                                     real_replace(a, b)))
-    io.write_atomically(tmp_path / "x.bin", [b"x"])
-    fake = SimpleNamespace(grad_buffers=[], get_parameters=lambda: [])
-    state.save_state(str(tmp_path / "s-state"), [], fake, {"current_step": 1})
-    assert seen[0].startswith(f".tmp-{os.getpid()}-") and seen[0].endswith("x.bin")
-    assert f".tmp-{os.getpid()}-s-state" in seen
-
-
-# --- 4. numbers checked at parse time ---------------------------------------------------------
-
-@pytest.mark.parametrize("argv, fragment", [
-    (["--learning_rate", "-0.0001"], "--learning_rate -0.0001: must be 0 or more"),
-    (["--learning_rate", "nan"], "--learning_rate nan: must be a finite number"),
-    (["--learning_rate", "inf"], "--learning_rate inf: must be a finite number"),
-    (["--unet_lr", "-1"], "--unet_lr -1.0: must be 0 or more"),
-    (["--unet_lr", "nan"], "--unet_lr nan"),
-    (["--text_encoder_lr", "1e-4", "-0.00001"], "--text_encoder_lr -1e-05: must be 0 or more"),
-    (["--text_encoder_lr", "inf"], "--text_encoder_lr inf"),
-    (["--max_train_epochs", "0"], "--max_train_epochs 0: must be 1 or more"),
-    (["--max_train_epochs", "-3"], "--max_train_epochs -3"),
-    (["--network_alpha", "-1"], "--network_alpha -1.0: must be 0 or more"),
-    (["--network_dim", "0"], "--network_dim 0: must be 1 or more"),
-    (["--network_dim", "-4"], "--network_dim -4"),
-    (["--seed", "-1"], "--seed -1: must be between 0 and 4294967295"),
-    (["--seed", str(2 ** 32)], "--seed 4294967296"),
-    (["--network_dropout", "1.5"], "--network_dropout 1.5: must be between 0 and 1"),
-    (["--noise_offset", "nan"], "--noise_offset nan: must be a finite number"),
-    (["--save_every_n_steps", "-5"], "--save_every_n_steps -5"),
-    (["--min_snr_gamma", "-1"], "--min_snr_gamma -1.0: must be 0 or more"),
-    (["--huber_c", "0"], "--huber_c 0.0: must be above 0"),
-    (["--multires_noise_discount", "2"], "--multires_noise_discount 2.0: must be between 0 and 1"),
-    (["--lr_scheduler_power", "-1"], "--lr_scheduler_power -1.0"),
-    (["--lr_decay_steps", "-0.5"], "--lr_decay_steps -0.5: must be 0 or more"),
-    (["--max_data_loader_n_workers", "-1"], "--max_data_loader_n_workers -1"),
-])
-def test_trainer_numbers_out_of_range(argv, fragment):
-    from library.training.args import parse_args
-    with pytest.raises(UserError, match="^" + fragment.replace("+", r"\+").replace(".", r"\.")):
-        parse_args(argv)
-
-
-def test_a_float_warmup_count_names_the_option(tmp_path):
-    proc = run_tool("sdxl_train_network.py", "--lr_warmup_steps", "1.0", check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "argument --lr_warmup_steps: '1.0' is neither a step count" in proc.stderr
-    from library.training.args import parse_args
-    cfg = tmp_path / "c.toml"
-    cfg.write_text("lr_warmup_steps = 2.5\n")
-    with pytest.raises(UserError, match=r"c\.toml: `lr_warmup_steps = 2\.5`: 2\.5 is neither"):
-        parse_args(["--config_file", str(cfg)])
-
-
-def test_zero_means_off_for_save_counts_as_in_kohya_configs():
-    from library.training.args import parse_args
-    _, args = parse_args(["--save_every_n_epochs", "0", "--learning_rate", "0", "--seed", "0"])
-    assert args.save_every_n_epochs == 0 and args.learning_rate == 0
-
-
-@pytest.mark.parametrize("argv, fragment", [
-    (["--scale", "nan"], "--scale nan: must be a finite number"),
-    (["--strength", "inf"], "--strength inf"),
-    (["--network_mul", "1", "nan"], "--network_mul nan"),
-    (["--seed", "-2"], "--seed -2: must be between 0"),
-    (["--vae_batch_size", "0"], "--vae_batch_size 0.0: must be above 0"),
-    (["--max_embeddings_multiples", "0"], "--max_embeddings_multiples 0: must be 1 or more"),
-    (["--highres_fix_strength", "1.5"], "--highres_fix_strength 1.5: must be between 0 and 1"),
-    (["--original_width", "-5"], "--original_width -5"),
-    (["--crop_top", "-3"], "--crop_top -3: must be 0 or more"),
-    (["--network_module", "networks.lora", "--network_weights", "a.safetensors", "--network_mul",
-      "1", "0.5"], "2 --network_mul for 1 --network_weights"),
-])
-def test_generator_numbers_out_of_range(argv, fragment):
-    from library.generation.cli import check_args
-    from sdxl_gen_img import setup_parser
-    args = setup_parser().parse_args(["--ckpt", "x.safetensors", "--prompt", "a cat", *argv])
-    with pytest.raises(UserError, match="^" + fragment.replace(".", r"\.")):
-        check_args(args)
-
-
-@pytest.mark.parametrize("argv, fragment", [
-    (["--new_rank", "0"], "--new_rank 0: must be 1 or more"),
-    (["--new_rank", "4", "--new_conv_rank", "0"], "--new_conv_rank 0"),
-    (["--ratios", "nan"], "--ratios nan: must be a finite number"),
-])
-def test_merge_tool_numbers_out_of_range(tmp_path, argv, fragment):
-    proc = run_tool("tools/merge_lora.py", "--models", tmp_path / "a.safetensors", "--save_to",
-                    tmp_path / "m.safetensors", *argv, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"error: {fragment}" in proc.stderr
+def test_the_run_warns_at_start_up_from_its_own_tensors(tmp_path, monkeypatch, caplog):
+    import shutil
+    from library.training import saving
+    lora = [SimpleNamespace(name="down", size=512, itemsize=4)]
+    moments = SimpleNamespace(name="moments", size=1024, itemsize=4)
+    apply_step = SimpleNamespace(grad_buffers=[], get_parameters=lambda: [*lora, moments])
+    args = _save_args(save_every_n_steps=25, save_state=True, output_dir=str(tmp_path),
+                      sample_at_first=True, sample_every_n_steps=50, sample_every_n_epochs=None)
+    prompts = [SimpleNamespace(width=64, height=32)] * 2
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
+    saving.warn_if_disk_short(args, SimpleNamespace(num_epochs=1), lora, apply_step, "float16",
+                              prompts)
+    # saves at 25, 50, 75 + final + temp copy, of 1 KB (fp16) and states of 6 KB (float32);
+    # samples at 0, 50, 100: 3 x 2 images of 64 x 32 x 3 bytes; 5 + 30 + 36 KB
+    assert f"--output_dir {tmp_path} has 4.0 KB free, and this run writes up to 71.0 KB there " \
+           "(5 LoRA file(s) of 1.0 KB, 5 state folder(s) of 6.0 KB, 6 sample image(s))" \
+           in caplog.text
 
 
 # --- 2. Ctrl-C and SIGTERM --------------------------------------------------------------------
@@ -249,7 +156,7 @@ def step(a):
 def main():
     x = Tensor(np.ones((32, 32), np.float32))
     with StopRequests() as stop:
-        stop.training = True
+        stop.start_training()
         for i in range(10 ** 6):
             step(x)
             if i == 2:
@@ -426,24 +333,259 @@ def test_a_full_disk_at_the_final_save_keeps_the_old_state_and_still_saves_the_l
     assert _tensors(out / "mem.safetensors")
 
 
-# --- 12. byte-identical images with --cache_latents_to_disk -----------------------------------
+# --- 3. temp entries a killed save left -------------------------------------------------------
 
-def test_identical_images_in_two_repeat_folders_train_from_the_disk_cache(tmp_path):
-    import shutil
-    from library.data import cache as C
-    from test_data_cache import FakeVAE, group_of, make_images, subset
-    a = make_images(tmp_path / "a", [(64, 64)])
-    (tmp_path / "b").mkdir()
-    shutil.copy(a / "000.png", tmp_path / "b" / "000.png")
-    g = group_of([subset(a), subset(tmp_path / "b")])
-    vae = FakeVAE()
-    first = C.build_latent_cache(g, vae, "vae", to_disk=True, progress=False)
-    assert vae.images == 1      # one content, encoded once
-    got = [first.get(rec) for _, rec in g.records()]
-    assert len(got) == 2 and np.array_equal(got[0], got[1])
-    again = C.build_latent_cache(g, FakeVAE(), "vae", to_disk=True, progress=False)
-    assert again.computed == 0 and all(np.array_equal(again.get(rec), got[0])
-                                       for _, rec in g.records())
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid     # not reused this soon on Linux (pids count up)
+
+
+def test_stale_temp_entries_are_removed_and_live_ones_kept(tmp_path, caplog):
+    from library.training.saving import remove_stale_temp
+    caplog.set_level("INFO")
+    dead, now = _dead_pid(), time.time()
+    (tmp_path / f".tmp-{dead}-abcd1234mem.safetensors").write_bytes(b"half a LoRA")
+    (tmp_path / f".tmp-{dead}-mem-state").mkdir()
+    (tmp_path / f".tmp-{dead}-mem-state" / "network.safetensors").write_bytes(b"half")
+    (tmp_path / f".tmp-{os.getpid()}-xyz_other.safetensors").write_bytes(b"being written now")
+    old = tmp_path / ".tmp-mem-state-123"      # an earlier version's name, without a pid first
+    old.mkdir()
+    os.utime(old, (now - 7200, now - 7200))
+    (tmp_path / ".tmp-q1w2e3r4new.safetensors").write_bytes(b"recent, owner unknown")
+    (tmp_path / "mem.safetensors").write_bytes(b"a finished LoRA")
+    removed = remove_stale_temp(str(tmp_path), now=now)
+    assert sorted(removed) == sorted([".tmp-mem-state-123", f".tmp-{dead}-mem-state",
+                                      f".tmp-{dead}-abcd1234mem.safetensors"])
+    assert sorted(os.listdir(tmp_path)) == sorted([
+        f".tmp-{os.getpid()}-xyz_other.safetensors", ".tmp-q1w2e3r4new.safetensors",
+        "mem.safetensors"])
+    assert "removed 3 temp file(s)" in caplog.text
+
+
+def test_temp_names_carry_the_writer_pid(tmp_path, monkeypatch):
+    """What remove_stale_temp relies on: both temp writers put their pid first."""
+    import library.safetensors_io as io
+    import library.training.state as state
+    seen = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (seen.append(os.path.basename(a)),
+                                                     real_replace(a, b)))
+    io.write_atomically(tmp_path / "x.bin", [b"x"])
+    fake = SimpleNamespace(grad_buffers=[], get_parameters=lambda: [])
+    state.save_state(str(tmp_path / "s-state"), [], fake, {"current_step": 1})
+    assert seen[0].startswith(f".tmp-{os.getpid()}-") and seen[0].endswith("x.bin")
+    assert f".tmp-{os.getpid()}-s-state" in seen
+
+
+# --- 4. numbers checked at parse time ---------------------------------------------------------
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--learning_rate", "-0.0001"], "--learning_rate -0.0001: must be 0 or more"),
+    (["--learning_rate", "nan"], "--learning_rate nan: must be a finite number"),
+    (["--learning_rate", "inf"], "--learning_rate inf: must be a finite number"),
+    (["--unet_lr", "-1"], "--unet_lr -1.0: must be 0 or more"),
+    (["--unet_lr", "nan"], "--unet_lr nan"),
+    (["--text_encoder_lr", "1e-4", "-0.00001"], "--text_encoder_lr -1e-05: must be 0 or more"),
+    (["--text_encoder_lr", "inf"], "--text_encoder_lr inf"),
+    (["--max_train_epochs", "0"], "--max_train_epochs 0: must be 1 or more"),
+    (["--max_train_epochs", "-3"], "--max_train_epochs -3"),
+    (["--network_alpha", "-1"], "--network_alpha -1.0: must be 0 or more"),
+    (["--network_dim", "0"], "--network_dim 0: must be 1 or more"),
+    (["--network_dim", "-4"], "--network_dim -4"),
+    (["--seed", "-1"], "--seed -1: must be between 0 and 4294967295"),
+    (["--seed", str(2 ** 32)], "--seed 4294967296"),
+    (["--network_dropout", "1.5"], "--network_dropout 1.5: must be between 0 and 1"),
+    (["--noise_offset", "nan"], "--noise_offset nan: must be a finite number"),
+    (["--save_every_n_steps", "-5"], "--save_every_n_steps -5"),
+    (["--min_snr_gamma", "-1"], "--min_snr_gamma -1.0: must be 0 or more"),
+    (["--huber_c", "0"], "--huber_c 0.0: must be above 0"),
+    (["--multires_noise_discount", "2"], "--multires_noise_discount 2.0: must be between 0 and 1"),
+    (["--lr_scheduler_power", "-1"], "--lr_scheduler_power -1.0"),
+    (["--lr_decay_steps", "-0.5"], "--lr_decay_steps -0.5: must be 0 or more"),
+    (["--max_data_loader_n_workers", "-1"], "--max_data_loader_n_workers -1"),
+])
+def test_trainer_numbers_out_of_range(argv, fragment):
+    from library.training.args import parse_args
+    with pytest.raises(UserError, match="^" + fragment.replace("+", r"\+").replace(".", r"\.")):
+        parse_args(argv)
+
+
+def test_a_float_warmup_count_names_the_option(tmp_path):
+    proc = run_tool("sdxl_train_network.py", "--lr_warmup_steps", "1.0", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "argument --lr_warmup_steps: '1.0' is neither a step count" in proc.stderr
+    from library.training.args import parse_args
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("lr_warmup_steps = 2.5\n")
+    with pytest.raises(UserError, match=r"c\.toml: `lr_warmup_steps = 2\.5`: 2\.5 is neither"):
+        parse_args(["--config_file", str(cfg)])
+
+
+def test_zero_means_off_for_save_counts_as_in_kohya_configs():
+    from library.training.args import parse_args
+    _, args = parse_args(["--save_every_n_epochs", "0", "--learning_rate", "0", "--seed", "0"])
+    assert args.save_every_n_epochs == 0 and args.learning_rate == 0
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--scale", "nan"], "--scale nan: must be a finite number"),
+    (["--strength", "inf"], "--strength inf"),
+    (["--network_mul", "1", "nan"], "--network_mul nan"),
+    (["--seed", "-2"], "--seed -2: must be between 0"),
+    (["--vae_batch_size", "0"], "--vae_batch_size 0.0: must be above 0"),
+    (["--max_embeddings_multiples", "0"], "--max_embeddings_multiples 0: must be 1 or more"),
+    (["--highres_fix_strength", "1.5"], "--highres_fix_strength 1.5: must be between 0 and 1"),
+    (["--original_width", "-5"], "--original_width -5"),
+    (["--crop_top", "-3"], "--crop_top -3: must be 0 or more"),
+    (["--network_module", "networks.lora", "--network_weights", "a.safetensors", "--network_mul",
+      "1", "0.5"], "2 --network_mul for 1 --network_weights"),
+])
+def test_generator_numbers_out_of_range(argv, fragment):
+    from library.generation.cli import check_args
+    from sdxl_gen_img import setup_parser
+    args = setup_parser().parse_args(["--ckpt", "x.safetensors", "--prompt", "a cat", *argv])
+    with pytest.raises(UserError, match="^" + fragment.replace(".", r"\.")):
+        check_args(args)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--new_rank", "0"], "--new_rank 0: must be 1 or more"),
+    (["--new_rank", "4", "--new_conv_rank", "0"], "--new_conv_rank 0"),
+    (["--ratios", "nan"], "--ratios nan: must be a finite number"),
+])
+def test_merge_tool_numbers_out_of_range(tmp_path, argv, fragment):
+    proc = run_tool("tools/merge_lora.py", "--models", tmp_path / "a.safetensors", "--save_to",
+                    tmp_path / "m.safetensors", *argv, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: {fragment}" in proc.stderr
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("sdxl_train_network.py", ["--seed", "-1"], "error: --seed -1: must be between 0 and"),
+    ("sdxl_gen_img.py", ["--ckpt", "x.safetensors", "--prompt", "a cat", "--scale", "nan"],
+     "error: --scale nan: must be a finite number"),
+])
+def test_number_errors_exit_2_with_one_line(tmp_path, script, argv, message):
+    proc = run_tool(script, *argv, "--outdir" if script == "sdxl_gen_img.py" else "--output_dir",
+                    tmp_path / "out", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_file_numbers_are_checked_too(tmp_path):
+    from library.training.args import parse_args
+    cfg = tmp_path / "train.toml"
+    cfg.write_text("[training]\nnetwork_dim = 0\n")
+    with pytest.raises(UserError, match="^--network_dim 0: must be 1 or more"):
+        parse_args(["--config_file", str(cfg)])
+
+
+@pytest.mark.parametrize("network_args, fragment", [
+    (["conv_dim=abc"], "network_args conv_dim='abc': expected an integer"),
+    (["conv_dim=-4"], "network_args conv_dim='-4': each value must be 0 or more"),
+    (["rank_dropout=1.5"], "network_args rank_dropout='1.5': each value must be in [0, 1)"),
+    (["conv_alpha=nan"], "network_args conv_alpha='nan'"),
+    (["block_dims=" + ",".join(["4"] * 22 + ["-1"])], "network_args block_dims="),
+])
+def test_network_args_numbers_are_checked_before_the_model_loads(tmp_path, fake_model,
+                                                                 network_args, fragment):
+    from library.training.args import parse_args
+    from library.training.loop import prepare
+    _, args = parse_args(["--pretrained_model_name_or_path", str(fake_model), "--network_module",
+                          "networks.lora", "--output_dir", str(tmp_path / "out"),
+                          "--network_args", *network_args])
+    with pytest.raises(UserError) as caught:
+        prepare(args)
+    assert str(caught.value).startswith(fragment)
+
+
+# --- 5. a LoRA with NaN or inf weights --------------------------------------------------------
+
+@pytest.fixture
+def nan_lora(tmp_path):
+    from library.safetensors_io import write_safetensors
+    down = "lora_unet_input_blocks_4_1_proj_in.lora_down.weight"
+    tensors = {down: np.ones((4, 8), np.float32),
+               down.replace("down", "up"): np.ones((8, 4), np.float32),
+               "lora_unet_input_blocks_4_1_proj_in.alpha": np.array(4, np.float32)}
+    tensors[down.replace("down", "up")][3, 1] = np.inf
+    path = tmp_path / "diverged.safetensors"
+    write_safetensors(path, tensors, dtype="float16")
+    return path
+
+
+def test_a_non_finite_lora_is_refused_by_trainer_generator_and_loader(tmp_path, fake_model,
+                                                                      nan_lora):
+    from library.generation.cli import check_args
+    from library.training.args import parse_args
+    from library.training.loop import prepare
+    from networks.lora import load_lora_file
+    from sdxl_gen_img import setup_parser
+    fragment = (f"{nan_lora}: tensor lora_unet_input_blocks_4_1_proj_in.lora_up.weight holds NaN "
+                "or infinite values")
+    _, args = parse_args(["--pretrained_model_name_or_path", str(fake_model), "--network_module",
+                          "networks.lora", "--output_dir", str(tmp_path / "out"),
+                          "--network_weights", str(nan_lora)])
+    for refuse in (lambda: prepare(args), lambda: load_lora_file(nan_lora), lambda: check_args(
+            setup_parser().parse_args(["--ckpt", "x.safetensors", "--prompt", "a cat",
+                                       "--network_module", "networks.lora",
+                                       "--network_weights", str(nan_lora)]))):
+        with pytest.raises(UserError) as caught:
+            refuse()
+        assert str(caught.value).startswith(fragment)
+
+
+# --- 6. paths that would fail after the expensive work --------------------------------------
+
+@pytest.fixture
+def fake_model(tmp_path):
+    from library.safetensors_io import write_safetensors
+    path = tmp_path / "model.safetensors"
+    write_safetensors(path, {"x": np.zeros(1, np.float32)})
+    return path
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--output_name", "sub/name"], "--output_name sub/name: a file name, not a path"),
+    (["--logging_dir", "{file}/logs"], "--logging_dir {file}/logs: {file} is a file, not a folder"),
+])
+def test_trainer_paths_are_checked_before_the_model_loads(tmp_path, fake_model, extra, fragment):
+    from library.training.args import parse_args
+    from library.training.loop import prepare
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    extra = [e.format(file=blocker) for e in extra]
+    _, args = parse_args(["--pretrained_model_name_or_path", str(fake_model), "--network_module",
+                          "networks.lora", "--output_dir", str(tmp_path / "out"), *extra])
+    with pytest.raises(UserError) as caught:
+        prepare(args)
+    assert str(caught.value).startswith(fragment.format(file=blocker))
+
+
+def test_generator_outdir_under_a_file_is_refused_before_generating(tmp_path):
+    from library.generation.cli import check_args
+    from sdxl_gen_img import setup_parser
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    args = setup_parser().parse_args(["--ckpt", "x.safetensors", "--prompt", "a cat",
+                                      "--outdir", str(blocker / "images")])
+    with pytest.raises(UserError, match="--outdir .*: .*a_file is a file, not a folder"):
+        check_args(args)
+
+
+@pytest.mark.parametrize("save_to, fragment", [
+    ("missing/m.safetensors", "the folder {tmp}/missing does not exist"),
+    (".", "give a file name ending in .safetensors"),
+    ("m.ckpt", "give a file name ending in .safetensors"),
+])
+def test_merge_save_to_is_refused_before_the_merge(tmp_path, save_to, fragment):
+    proc = run_tool("tools/merge_lora.py", "--models", tmp_path / "a.safetensors", "--save_to",
+                    tmp_path / save_to, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert fragment.format(tmp=tmp_path) in proc.stderr
+    assert os.listdir(tmp_path) == []
 
 
 # --- 7-10. dataset files: encodings, JSON types, silent accepts, 16-bit PNGs ----------------
@@ -522,6 +664,16 @@ def test_images_without_a_metadata_entry_and_dangling_links_are_warned_about(tmp
     assert "1 image link(s) point to a missing file and are left out: link.png" in caplog.text
 
 
+def test_absolute_metadata_keys_with_a_relative_image_dir_are_not_called_unlisted(
+        tmp_path, monkeypatch, caplog):
+    _png(tmp_path / "a.png")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({str(tmp_path / "a.png"): {"tags": "red"}}))
+    monkeypatch.chdir(tmp_path)
+    _group(tmp_path, is_dreambooth=False, image_dir=".", metadata_file=str(meta))
+    assert "not trained" not in caplog.text
+
+
 def test_a_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
     from PIL import Image
     from library.data.images import load_image
@@ -532,93 +684,6 @@ def test_a_16_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
     assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8
     expected = np.round(ramp.astype(np.float64) * 255 / 65535).astype(np.uint8)
     assert np.array_equal(pixels[..., 0], expected) and np.array_equal(pixels[..., 2], expected)
-
-
-# --- 6. paths that would fail after the expensive work --------------------------------------
-
-@pytest.fixture
-def fake_model(tmp_path):
-    from library.safetensors_io import write_safetensors
-    path = tmp_path / "model.safetensors"
-    write_safetensors(path, {"x": np.zeros(1, np.float32)})
-    return path
-
-
-@pytest.mark.parametrize("extra, fragment", [
-    (["--output_name", "sub/name"], "--output_name sub/name: a file name, not a path"),
-    (["--logging_dir", "{file}/logs"], "--logging_dir {file}/logs: {file} is a file, not a folder"),
-])
-def test_trainer_paths_are_checked_before_the_model_loads(tmp_path, fake_model, extra, fragment):
-    from library.training.args import parse_args
-    from library.training.loop import prepare
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    extra = [e.format(file=blocker) for e in extra]
-    _, args = parse_args(["--pretrained_model_name_or_path", str(fake_model), "--network_module",
-                          "networks.lora", "--output_dir", str(tmp_path / "out"), *extra])
-    with pytest.raises(UserError) as caught:
-        prepare(args)
-    assert str(caught.value).startswith(fragment.format(file=blocker))
-
-
-def test_generator_outdir_under_a_file_is_refused_before_generating(tmp_path):
-    from library.generation.cli import check_args
-    from sdxl_gen_img import setup_parser
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    args = setup_parser().parse_args(["--ckpt", "x.safetensors", "--prompt", "a cat",
-                                      "--outdir", str(blocker / "images")])
-    with pytest.raises(UserError, match="--outdir .*: .*a_file is a file, not a folder"):
-        check_args(args)
-
-
-@pytest.mark.parametrize("save_to, fragment", [
-    ("missing/m.safetensors", "the folder {tmp}/missing does not exist"),
-    (".", "give a file name ending in .safetensors"),
-    ("m.ckpt", "give a file name ending in .safetensors"),
-])
-def test_merge_save_to_is_refused_before_the_merge(tmp_path, save_to, fragment):
-    proc = run_tool("tools/merge_lora.py", "--models", tmp_path / "a.safetensors", "--save_to",
-                    tmp_path / save_to, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert fragment.format(tmp=tmp_path) in proc.stderr
-    assert os.listdir(tmp_path) == []
-
-
-# --- 5. a LoRA with NaN or inf weights --------------------------------------------------------
-
-@pytest.fixture
-def nan_lora(tmp_path):
-    from library.safetensors_io import write_safetensors
-    down = "lora_unet_input_blocks_4_1_proj_in.lora_down.weight"
-    tensors = {down: np.ones((4, 8), np.float32),
-               down.replace("down", "up"): np.ones((8, 4), np.float32),
-               "lora_unet_input_blocks_4_1_proj_in.alpha": np.array(4, np.float32)}
-    tensors[down.replace("down", "up")][3, 1] = np.inf
-    path = tmp_path / "diverged.safetensors"
-    write_safetensors(path, tensors, dtype="float16")
-    return path
-
-
-def test_a_non_finite_lora_is_refused_by_trainer_generator_and_loader(tmp_path, fake_model,
-                                                                      nan_lora):
-    from library.generation.cli import check_args
-    from library.training.args import parse_args
-    from library.training.loop import prepare
-    from networks.lora import load_lora_file
-    from sdxl_gen_img import setup_parser
-    fragment = (f"{nan_lora}: tensor lora_unet_input_blocks_4_1_proj_in.lora_up.weight holds NaN "
-                "or infinite values")
-    _, args = parse_args(["--pretrained_model_name_or_path", str(fake_model), "--network_module",
-                          "networks.lora", "--output_dir", str(tmp_path / "out"),
-                          "--network_weights", str(nan_lora)])
-    for refuse in (lambda: prepare(args), lambda: load_lora_file(nan_lora), lambda: check_args(
-            setup_parser().parse_args(["--ckpt", "x.safetensors", "--prompt", "a cat",
-                                       "--network_module", "networks.lora",
-                                       "--network_weights", str(nan_lora)]))):
-        with pytest.raises(UserError) as caught:
-            refuse()
-        assert str(caught.value).startswith(fragment)
 
 
 # --- 11. --resume onto a dataset that changed ---------------------------------------------------
@@ -650,76 +715,21 @@ def test_resume_names_what_changed_in_the_dataset_and_how_the_position_maps(tmp_
         saved, changed, {"epoch": 2, "batch": 7})[1]
 
 
-def test_disk_caches_are_counted_per_image_folder(tmp_path):
-    from library.training.saving import CACHES_HINT, disk_cache_writes, free_space_warning
-    folder = tmp_path / "img"
-    folder.mkdir()
-    for name in ("a.png", "b.png"):
-        _png(folder / name)
-    group = _group(folder, image_dir=str(folder), class_tokens="sks", flip_aug=True)
-    writes = disk_cache_writes(group, latents=True, text=True, text_tokens=77)
-    latent = 4 * (64 // 8) * (64 // 8) * 4 * 2     # float32, and flipped too
-    assert writes == {str(folder): [("latent caches", 2 * latent),
-                                    ("text-encoder caches", 2 * (77 * 2048 + 1280) * 4)]}
-    warning = free_space_warning(str(folder), writes[str(folder)], free=1000,
-                                 label="the image folder", hint=CACHES_HINT)
-    assert warning.startswith(f"the image folder {folder} has 1000 B free") and "in memory" in warning
+# --- 12. byte-identical images with --cache_latents_to_disk -----------------------------------
 
-
-def test_the_run_warns_at_start_up_from_its_own_tensors(tmp_path, monkeypatch, caplog):
+def test_identical_images_in_two_repeat_folders_train_from_the_disk_cache(tmp_path):
     import shutil
-    from library.training import saving
-    lora = [SimpleNamespace(name="down", size=512, itemsize=4)]
-    moments = SimpleNamespace(name="moments", size=1024, itemsize=4)
-    apply_step = SimpleNamespace(grad_buffers=[], get_parameters=lambda: [*lora, moments])
-    args = _save_args(save_every_n_steps=25, save_state=True, output_dir=str(tmp_path),
-                      sample_at_first=True, sample_every_n_steps=50, sample_every_n_epochs=None)
-    prompts = [SimpleNamespace(width=64, height=32)] * 2
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(free=4096))
-    saving.warn_if_disk_short(args, SimpleNamespace(num_epochs=1), lora, apply_step, "float16",
-                              prompts)
-    # saves at 25, 50, 75 + final + temp copy, of 1 KB (fp16) and states of 6 KB (float32);
-    # samples at 0, 50, 100: 3 x 2 images of 64 x 32 x 3 bytes; 5 + 30 + 36 KB
-    assert f"--output_dir {tmp_path} has 4.0 KB free, and this run writes up to 71.0 KB there " \
-           "(5 LoRA file(s) of 1.0 KB, 5 state folder(s) of 6.0 KB, 6 sample image(s))" \
-           in caplog.text
-
-
-@pytest.mark.parametrize("script, argv, message", [
-    ("sdxl_train_network.py", ["--seed", "-1"], "error: --seed -1: must be between 0 and"),
-    ("sdxl_gen_img.py", ["--ckpt", "x.safetensors", "--prompt", "a cat", "--scale", "nan"],
-     "error: --scale nan: must be a finite number"),
-])
-def test_number_errors_exit_2_with_one_line(tmp_path, script, argv, message):
-    proc = run_tool(script, *argv, "--outdir" if script == "sdxl_gen_img.py" else "--output_dir",
-                    tmp_path / "out", check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(message)
-    assert not (tmp_path / "out").exists()
-
-
-def test_config_file_numbers_are_checked_too(tmp_path):
-    from library.training.args import parse_args
-    cfg = tmp_path / "train.toml"
-    cfg.write_text("[training]\nnetwork_dim = 0\n")
-    with pytest.raises(UserError, match="^--network_dim 0: must be 1 or more"):
-        parse_args(["--config_file", str(cfg)])
-
-
-@pytest.mark.parametrize("network_args, fragment", [
-    (["conv_dim=abc"], "network_args conv_dim='abc': expected an integer"),
-    (["conv_dim=-4"], "network_args conv_dim='-4': each value must be 0 or more"),
-    (["rank_dropout=1.5"], "network_args rank_dropout='1.5': each value must be in [0, 1)"),
-    (["conv_alpha=nan"], "network_args conv_alpha='nan'"),
-    (["block_dims=" + ",".join(["4"] * 22 + ["-1"])], "network_args block_dims="),
-])
-def test_network_args_numbers_are_checked_before_the_model_loads(tmp_path, fake_model,
-                                                                 network_args, fragment):
-    from library.training.args import parse_args
-    from library.training.loop import prepare
-    _, args = parse_args(["--pretrained_model_name_or_path", str(fake_model), "--network_module",
-                          "networks.lora", "--output_dir", str(tmp_path / "out"),
-                          "--network_args", *network_args])
-    with pytest.raises(UserError) as caught:
-        prepare(args)
-    assert str(caught.value).startswith(fragment)
+    from library.data import cache as C
+    from test_data_cache import FakeVAE, group_of, make_images, subset
+    a = make_images(tmp_path / "a", [(64, 64)])
+    (tmp_path / "b").mkdir()
+    shutil.copy(a / "000.png", tmp_path / "b" / "000.png")
+    g = group_of([subset(a), subset(tmp_path / "b")])
+    vae = FakeVAE()
+    first = C.build_latent_cache(g, vae, "vae", to_disk=True, progress=False)
+    assert vae.images == 1      # one content, encoded once
+    got = [first.get(rec) for _, rec in g.records()]
+    assert len(got) == 2 and np.array_equal(got[0], got[1])
+    again = C.build_latent_cache(g, FakeVAE(), "vae", to_disk=True, progress=False)
+    assert again.computed == 0 and all(np.array_equal(again.get(rec), got[0])
+                                       for _, rec in g.records())

@@ -22,7 +22,7 @@ import toml
 
 from library.data.captions import CaptionOptions
 from library.data.images import RESIZE_INTERPOLATIONS
-from library.errors import UserError
+from library.errors import UserError, read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,6 @@ def load_config_file(path):
     if not os.path.isfile(path):
         raise UserError(f"dataset config {path} not found")
     lower = path.lower()
-    from library.generation.prompts import read_utf8
     try:
         if lower.endswith(".toml"):
             return toml.loads(read_utf8(path, "dataset config"))

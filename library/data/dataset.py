@@ -25,7 +25,7 @@ import numpy as np
 from library.data import images
 from library.data.buckets import BucketChoice, BucketSelector, adjust_min_max_bucket_reso, size_conditioning
 from library.data.captions import metadata_caption, metadata_tags, process_caption, read_caption_file
-from library.errors import UserError
+from library.errors import UserError, read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -472,7 +472,7 @@ def _warn_unlisted_images(subset, listed, path):
     """Images in image_dir that the metadata does not name are not trained (as kohya), which a
     user who added images and forgot to re-run the tagger does not expect."""
     unlisted = [os.path.basename(p) for p in images.list_images(subset.image_dir)
-                if os.path.normpath(p) not in listed]
+                if os.path.abspath(p) not in listed]
     if unlisted:
         logger.warning("%s: %d image(s) in %s have no entry in %s and are not trained: %s%s",
                        subset.where, len(unlisted), subset.image_dir, path, ", ".join(unlisted[:5]),
@@ -483,7 +483,6 @@ def _finetune_entries(subset, sized, tag_texts=None):
     path = subset.metadata_file
     if not os.path.isfile(path):
         raise UserError(f"{subset.where}: metadata_file {path} not found")
-    from library.generation.prompts import read_utf8
     text = read_utf8(path, f"{subset.where}: metadata_file")
     try:
         if path.lower().endswith(".jsonl"):
@@ -515,7 +514,7 @@ def _finetune_entries(subset, sized, tag_texts=None):
                         f"keys must be image paths with their extension (kohya's merge scripts write bare stems "
                         f"unless --full_path)")
     if subset.image_dir is not None:
-        _warn_unlisted_images(subset, {os.path.normpath(p) for _, p in resolved}, path)
+        _warn_unlisted_images(subset, {os.path.abspath(p) for _, p in resolved}, path)
     sizes = dict(sized([p for _, p in resolved]))
     sep = subset.caption.caption_separator
     if tag_texts is not None:

@@ -72,7 +72,7 @@ def _as_8_bit(im):
     if im.mode not in ("I;16", "I;16L", "I;16B", "I;16N"):
         return im
     wide = np.asarray(im, dtype=np.uint32)
-    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))     # mode L
 
 
 def load_image(path, alpha=False):

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from library.errors import UserError
+from library.errors import UserError, read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -106,19 +106,6 @@ def parse_prompt_line(raw, where="prompt"):
         except ValueError:
             raise UserError(f"{where}: bad value for --{name}: {value!r}") from None
     return line
-
-
-def read_utf8(path, what):
-    """The text of a UTF-8 file, without the byte-order mark Windows editors put first; a
-    UserError naming `what` (e.g. "prompt file") and the path if it cannot be read or decoded."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            return f.read()
-    except OSError as e:
-        raise UserError(f"cannot read {what} {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                        "re-save it as UTF-8") from None
 
 
 def read_prompt_file(path):

@@ -21,7 +21,7 @@ import toml
 
 from library.data.cache import add_cache_arguments
 from library.data.config import add_dataset_arguments
-from library.errors import UserError
+from library.errors import UserError, read_utf8
 from library.training.samples import add_sample_arguments
 from library.training.validation import add_validation_arguments
 from library.training.schedules import SCHEDULERS, int_or_float
@@ -370,7 +370,6 @@ def apply_config_file(parser, args, argv):
         path = path + ".toml"   # kohya appends the suffix when it is missing
     if not os.path.isfile(path):
         raise UserError(f"--config_file {path} not found")
-    from library.generation.prompts import read_utf8
     try:
         values = _flatten(toml.loads(read_utf8(path, "--config_file")))
     except toml.TomlDecodeError as e:

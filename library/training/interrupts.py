@@ -3,7 +3,7 @@ save, instead of dying with nothing saved.
 
     with StopRequests() as stop:
         ...                        # before training: a signal raises KeyboardInterrupt here
-        stop.training = True       # from here a signal only sets stop.requested
+        stop.start_training()      # from here a signal only sets stop.requested
         if stop.requested.is_set(): save, then raise Interrupted(...)
 
 Why it is built this way (MindSpore 2.7.1 on CPU, measured):
@@ -72,6 +72,13 @@ class StopRequests:
         self._watcher.join()
         os.close(self._read_fd)
         return False
+
+    def start_training(self):
+        """From here a signal asks for a stop at the end of the step. One that came before still
+        stops the run now, in case its KeyboardInterrupt was swallowed (raised in a __del__)."""
+        self.training = True
+        if self.requested.is_set():
+            raise KeyboardInterrupt
 
     def _in_main_thread(self, signum, frame):
         # The watcher has already seen this signal. Before training there is nothing to save:

@@ -593,7 +593,7 @@ def _train(plan, stop):
     bar = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", smoothing=0,
                dynamic_ncols=True, disable=not world.is_main)
     epoch = start_epoch - 1
-    stop.training = True    # a signal from here on asks for a stop at the end of the step
+    stop.start_training()
     try:
         if global_step == 0:
             sample(0, 0)   # --sample_at_first (a resumed run does not sample first, as kohya)

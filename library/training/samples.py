@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from library.errors import UserError
-from library.generation.prompts import read_utf8
+from library.errors import read_utf8
 
 logger = logging.getLogger(__name__)
 

@@ -372,7 +372,8 @@ def test_temp_names_carry_the_writer_pid(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", lambda a, b: (seen.append(os.path.basename(a)),
                                                      real_replace(a, b)))
     io.write_atomically(tmp_path / "x.bin", [b"x"])
-    fake = SimpleNamespace(grad_buffers=[], get_parameters=lambda: [])
+    fake = SimpleNamespace(grad_buffers=[], get_parameters=lambda: [],
+                           optimizer=SimpleNamespace(layout=SimpleNamespace(description=dict)))
     state.save_state(str(tmp_path / "s-state"), [], fake, {"current_step": 1})
     assert seen[0].startswith(f".tmp-{os.getpid()}-") and seen[0].endswith("x.bin")
     assert f".tmp-{os.getpid()}-s-state" in seen

@@ -345,11 +345,12 @@ def test_cli_samples_and_validation_in_graph_mode(tiny_ckpt, tmp_path):
     epochs = [json.loads(x) for x in open(out / "s_log.jsonl")
               if '"epoch": 1,' in x and "event" not in x and "loss/validation/epoch_average" in x]
     assert len(epochs) == 1 and np.isfinite(epochs[0]["loss/validation/epoch_average"])
-    compiles = [(e["graph"], tuple(e["shape"])) for e in events if e["event"] == "compile"]
-    assert compiles.count(("grad_step", (1, 4, 8, 8))) == 1
-    assert [c for c in compiles if c[0] == "validation"] == [("validation", (1, 4, 8, 8))]
+    compiles = [(e["graph"], tuple(e.get("shape", ()))) for e in events if e["event"] == "compile"]
+    assert compiles.count(("grad_step", (-1, 4, -1, -1))) == 1
+    assert [c for c in compiles if c[0] == "validation"] == [("validation", (-1, 4, -1, -1))]
     samples = [e for e in events if e["event"] == "sample"]
-    assert [e["step"] for e in samples] == [2, 4] and samples[-1]["graphs"] == 2
+    # two sample sizes, one guided UNet graph
+    assert [e["step"] for e in samples] == [2, 4] and samples[-1]["graphs"] == 1
     from library.safetensors_io import SafetensorsFile
     md = SafetensorsFile(out / "s.safetensors").metadata
     assert (md["ss_validate_every_n_steps"], md["ss_max_validation_steps"]) == ("2", "1")

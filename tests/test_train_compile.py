@@ -13,7 +13,7 @@ from mindspore.common import api as ms_api
 from library.data.bucket_cap import batch_shape_count, cap_buckets
 from library.data.dataset import build_dataset_groups, load_sample
 from library.errors import UserError
-from library.training.compile import StepGraph, batch_shapes
+from library.training.compile import StepGraph, batch_shapes, uses_dynamic_shapes
 from test_data_dataset import dataset_config, make_images, subset
 
 
@@ -60,6 +60,18 @@ def test_batch_shapes_holds_one_batch_per_bucket_and_length(tmp_path):
     # 3 images of 64x64 in batches of 2: a full batch and a short one
     assert shapes == [((32, 96), 1), ((64, 64), 1), ((64, 64), 2), ((96, 32), 2), ((128, 32), 1)]
     assert batch_shape_count(train) == len(shapes)
+
+
+def test_dynamic_shapes_when_the_run_has_more_than_one_batch_shape(tmp_path):
+    from library.training.args import parse_args
+    _, args = parse_args(["--network_module", "networks.lora", "--seed", "3"])
+    train, _ = group_of(tmp_path / "four", batch_size=2)
+    assert uses_dynamic_shapes(args, train)
+    one = build_dataset_groups([dataset_config([subset(make_images(tmp_path / "one", [(64, 64)] * 4))],
+                                              batch_size=2)], seed=1)[0]
+    assert len(batch_shapes(one, 3)) == 1 and not uses_dynamic_shapes(args, one)
+    args.static_shapes = True
+    assert not uses_dynamic_shapes(args, train)
 
 
 def test_max_bucket_count_moves_images_to_the_nearest_kept_bucket(tmp_path):

@@ -5,8 +5,9 @@ kept between runs by the compile cache.
 
 By default the grad step's inputs are declared with their batch size and latent height and
 width open (`Cell.set_inputs` with None dimensions, library.training.step.dynamic_signature), so
-one graph runs every bucket and batch size of the run, short last batches included. Both graphs
-are compiled before step 1, in a fixed order, which is what lets the compile cache
+one graph runs every bucket and batch size of the run, short last batches included (a run whose
+batches all have one shape gets a static graph: the same one compile, faster steps). Both
+graphs are compiled before step 1, in a fixed order, which is what lets the compile cache
 (library.training.compile_cache) serve them to a later run. `--static_shapes` keeps one grad
 graph per batch shape, compiled at each shape's first batch, or all before step 1 with
 `--compile_all_buckets_first` (the cache is used only then: the order is fixed).
@@ -173,19 +174,29 @@ def compile_ahead(grad_fn, apply_fn, grad_inputs, apply_inputs, record, cache=No
                 f"{record.seconds:.1f} s before step 1{where}")
 
 
+def uses_dynamic_shapes(args, group):
+    """One graph for every batch shape when the data has more than one (and no --static_shapes).
+    With a single batch shape a static graph is the same one compile, and its steps are faster
+    (a dynamic graph infers every kernel's shapes at each step: docs/training.md)."""
+    return not args.static_shapes and len(batch_shapes(group, args.seed)) > 1
+
+
 def step_graphs(plan, training, accumulation, log):
     """The run's grad and apply graphs, and the CompileRecord that counts their compiles.
 
-    Dynamic shapes (the default): both compiled now, through the compile cache. --static_shapes:
-    compiled at each shape's first batch, or all now with --compile_all_buckets_first."""
+    Both compiled now, through the compile cache: the dynamic grad graph (the default), or the
+    static one of a run with a single batch shape, or every batch shape's with
+    --static_shapes --compile_all_buckets_first. Otherwise (--static_shapes) at each shape's
+    first batch."""
     import mindspore as ms
     from library.training.compile_cache import CompileCache, cache_key_material
     from library.training.step import dynamic_signature
     args = plan.args
-    dynamic = not args.static_shapes
+    dynamic = uses_dynamic_shapes(args, plan.train_group)
+    single = len(batch_shapes(plan.train_group, args.seed)) == 1
     record = CompileRecord(log, dynamic)
     apply_fn = StepGraph(training.apply_step)
-    if not dynamic and not args.compile_all_buckets_first:
+    if not dynamic and not single and not args.compile_all_buckets_first:
         return StepGraph(training.grad_step), apply_fn, record
     inputs = representative_inputs(
         plan.train_group, args.seed,

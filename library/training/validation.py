@@ -21,7 +21,7 @@ One difference: an average here is the mean over this validation's batches and t
 recorder keeps adding the validations of the first epoch into one running mean.
 
 The loss is the train step's forward (GradStep.forward_loss), compiled on its own: one graph for
-every batch shape (as the train step; once per shape with --static_shapes). No gradients, no
+every batch shape (by the train step's rule: static for a single shape or --static_shapes). No gradients, no
 buffer or parameter is written. The models are in eval mode while it runs
 (LoRA dropouts off, as kohya's network.eval()).
 """
@@ -109,7 +109,8 @@ class Validation:
         self.forward_cell = ForwardLoss(training.grad_step)
         self.forward = ms.jit(self.forward_cell.construct) if compile else self.forward_cell
         self.compile = compile
-        self.dynamic = compile and not args.static_shapes
+        from library.training.compile import uses_dynamic_shapes
+        self.dynamic = compile and uses_dynamic_shapes(args, plan.val_group)
 
     def close(self):
         if self.enabled:

@@ -164,28 +164,28 @@ def test_diffusers_and_peft_keys_are_converted(tiny, tiny_sd):
     assert {float(v) for k, v in converted.items() if k.endswith(".alpha")} == {2.0}
 
 
-def test_diffusers_042_te_keys_without_text_model_load_and_merge_the_same(tiny, tiny_sd,
-                                                                          tmp_path):
-    """diffusers 0.42 with transformers 5 (which dropped CLIPTextModel's `text_model.` level)
-    writes `text_encoder.encoder.layers.N...`; older versions `text_encoder.text_model.encoder...`.
-    Both files load, and merging either changes TE1's weights by the same amounts."""
-    _, peft = diffusers_style(tiny, tiny_sd)
-    flat = {k.replace(".text_model.encoder.", ".encoder."): v for k, v in peft.items()}
-    assert any(k.startswith("text_encoder.encoder.layers.") for k in flat)
-    assert any(k.startswith("text_encoder_2.encoder.layers.") for k in flat)
-    merged = []
-    for name, sd in (("old", peft), ("new", flat)):
-        path = tmp_path / f"{name}.safetensors"
-        write_safetensors(path, sd)
+def test_diffusers_written_loras_of_both_te_spellings_load_and_merge_the_same():
+    """tests/fixtures/diffusers_lora: the same LoRA saved by diffusers 0.42.1 with transformers 5
+    (TE1 keys `text_encoder.encoder.layers.N...`: transformers 5 dropped CLIPTextModel's
+    `text_model.` level) and by diffusers 0.35.2 with transformers 4.57.1 (`text_encoder.
+    text_model.encoder.layers.N...`), made by tools/make_diffusers_lora_fixtures.py. Both load
+    strictly, and merging either changes every model's weights by the same amounts."""
+    folder = FIXTURES / "diffusers_lora"
+    spellings = {"tiny_transformers5.safetensors": "text_encoder.encoder.layers.0.",
+                 "tiny_transformers4.safetensors": "text_encoder.text_model.encoder.layers.0."}
+    deltas = []
+    for name, te1_prefix in spellings.items():
+        assert any(k.startswith(te1_prefix) for k in SafetensorsFile(folder / name).keys())
         models = build_sdxl("tiny")       # initialised: the merge reads the weights
-        before = {n: p.asnumpy().copy() for n, p in models.text_encoder1.parameters_and_names()}
-        lora.merge_lora_weights(models, [path], [1.0])
-        after = {n: p.asnumpy() for n, p in models.text_encoder1.parameters_and_names()}
-        delta = {n: after[n] - before[n] for n in before}
-        assert any(np.abs(d).max() > 0 for d in delta.values())
-        merged.append(delta)
-    # (two randomly initialised models: the same delta up to float32 rounding of W + dW)
-    assert all(np.allclose(merged[0][n], merged[1][n], rtol=0, atol=1e-6) for n in merged[0])
+        cells = (models.text_encoder1, models.text_encoder2, models.unet)
+        before = [{n: p.asnumpy().copy() for n, p in c.parameters_and_names()} for c in cells]
+        lora.merge_lora_weights(models, [folder / name], [1.0])
+        deltas.append([{n: p.asnumpy() - b[n] for n, p in c.parameters_and_names()}
+                       for c, b in zip(cells, before)])
+    for new, old in zip(*deltas):
+        assert any(np.abs(d).max() > 0 for d in new.values())          # each model was changed
+        # two randomly initialised models: the same delta up to float32 rounding of W + dW
+        assert all(np.allclose(new[n], old[n], rtol=0, atol=1e-6) for n in new)
 
 
 # --- bad inputs ------------------------------------------------------------------------------

@@ -42,18 +42,12 @@ _SPECS = {
 }
 SUPPORTED_OPTIMIZERS = ("AdamW", "Lion", "SGDNesterov", "Adafactor", "Prodigy")
 
-# kohya's bitsandbytes optimizers: name -> (the optimizer with their update rule, kohya's class).
-# The 8-bit ones quantise the moments block-wise; the paged ones page state out of GPU memory
-# (CUDA unified memory). Neither changes the update rule, so these run with 32-bit state.
-BITSANDBYTES = {
-    "adamw8bit": ("adamw", "bitsandbytes.optim.adamw.AdamW8bit"),
-    "pagedadamw8bit": ("adamw", "bitsandbytes.optim.adamw.PagedAdamW8bit"),
-    "pagedadamw": ("adamw", "bitsandbytes.optim.adamw.PagedAdamW"),
-    "pagedadamw32bit": ("adamw", "bitsandbytes.optim.adamw.PagedAdamW32bit"),
-    "lion8bit": ("lion", "bitsandbytes.optim.lion.Lion8bit"),
-    "pagedlion8bit": ("lion", "bitsandbytes.optim.lion.PagedLion8bit"),
-    "sgdnesterov8bit": ("sgdnesterov", "bitsandbytes.optim.sgd.SGD8bit"),
-}
+# kohya's bitsandbytes optimizer names -> the optimizer with their update rule. The 8-bit ones
+# quantise the moments block-wise; the paged ones page state out of GPU memory (CUDA unified
+# memory). Neither changes the update rule, so these run with 32-bit state.
+BITSANDBYTES = {"adamw8bit": "adamw", "pagedadamw8bit": "adamw", "pagedadamw": "adamw",
+                "pagedadamw32bit": "adamw", "lion8bit": "lion", "pagedlion8bit": "lion",
+                "sgdnesterov8bit": "sgdnesterov"}
 
 
 class BuiltOptimizer(NamedTuple):
@@ -111,7 +105,7 @@ def _optimizer_key(optimizer_type, use_8bit_adam, use_lion_optimizer):
             raise UserError("--use_lion_optimizer and --optimizer_type cannot both be given")
         return "lion"
     key = (optimizer_type or "AdamW").lower()
-    key = BITSANDBYTES.get(key, (key,))[0]
+    key = BITSANDBYTES.get(key, key)
     if key not in _SPECS:
         raise UserError(f"--optimizer_type {optimizer_type} is not supported; supported optimizers: "
                         f"{', '.join(SUPPORTED_OPTIMIZERS)}")

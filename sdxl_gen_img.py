@@ -125,6 +125,9 @@ def setup_parser():
     a("--tokenizer_cache_dir", type=str, default=None, help=f"no effect: {NO_EFFECT['--tokenizer_cache_dir']}")
     # Port-specific (not in kohya):
     a("--no_compile", action="store_true", help="run the UNet in PyNative mode instead of a compiled graph")
+    a("--static_shapes", action="store_true",
+      help="(this port) one compiled UNet graph per latent size, batch and prompt length instead "
+           "of one graph for all of them")
     for name, (kwargs, what) in UNSUPPORTED.items():
         kwargs = dict(kwargs)
         nargs = "?" if kwargs.pop("action", None) else kwargs.pop("nargs", None)

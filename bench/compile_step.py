@@ -1,23 +1,30 @@
-"""Benchmark: compile time of the train step per bucket shape, and ms.jit options, as a table.
+"""Benchmark: what compiling costs a run, static per-shape graphs against the one dynamic-shape
+graph, and a repeated run with the compile cache, as a table.
 
-    python bench/compile_step.py [--cases O0,O1,strict,ahead] [--buckets 3] [--steps 2]
+    python bench/compile_step.py [--presets tiny,medium] [--buckets 1,3,6] [--steps 3]
+                                 [--modes ab,cached]
 
-Each case runs in its own process (so nothing is cached between cases) and builds the real run
-in-process from the trainer's own arguments, on the tiny checkpoint: one image per bucket, up to
-three buckets (latents 8x8, 4x12 and 4x16; --buckets), `--network_train_unet_only
---cache_latents --cache_text_encoder_outputs`, AdamW, float32, batch 1.
-
-Cases: `O0` (ms.jit's default, what the trainer uses), `O1` (jit_level="O1"), `strict`
-(fullgraph=True, i.e. jit_syntax_level STRICT): the first call at each bucket shape, minus the
-median later step, is that shape's compile time; the apply step likewise. `ahead` compiles every
-graph without running it (library.training.compile.StepGraph.compile, as
---compile_all_buckets_first does) and then times the first real step. The loss column is the sum
-of each bucket's first loss: equal values mean the option changes nothing numerically.
+Each case runs in its own process and builds the real run in-process from the trainer's own
+arguments (`--network_dim 8 --network_train_unet_only --cache_latents
+--cache_text_encoder_outputs`, AdamW, float32, batch 1) on a dataset with one image per bucket
+shape, and makes its step graphs with the trainer's own `step_graphs`:
+- `ab`: two runs side by side in one process (the same seed, so the same initial LoRA), one with
+  `--static_shapes --compile_all_buckets_first` (a grad graph per bucket, then the apply graph),
+  one with the default dynamic step (one grad graph, the apply graph), both `--no_compile_cache`;
+  then their steps interleaved, shape by shape, so both see the same machine load (these cores
+  are shared: only a ratio within one process means much);
+- `cached`: the dynamic run twice with a fresh `--compile_cache_dir`; the first run fills the
+  cache, the second loads its graphs from it.
+"compile" is the seconds spent compiling the step graphs before step 1; "to first step" adds
+building the compile inputs and the first step. s/step is, per bucket shape, the median of
+--steps steps after that shape's first step (the tiny checkpoint; `medium` is
+library.models.config.MEDIUM, SDXL's topology at a quarter of its width, random weights).
 """
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -27,14 +34,19 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SIZES = [(64, 64), (96, 32), (128, 32)]     # three buckets at resolution 64, steps 32
+# (resolution, min, max, step) and the first six of kohya's buckets there, one image each
+GEOMETRY = {
+    "tiny": ((96, 32, 192, 32), [(96, 96), (64, 128), (128, 64), (32, 160), (160, 32), (32, 192)]),
+    "medium": ((256, 128, 512, 64), [(256, 256), (192, 320), (320, 192), (128, 384), (384, 128),
+                                     (128, 512)]),
+}
 
 
-def _dataset(folder, buckets):
+def _dataset(folder, sizes):
     from PIL import Image, ImageDraw
     images = os.path.join(folder, "img", "1_bench")
     os.makedirs(images)
-    for i, (w, h) in enumerate(SIZES[:buckets]):
+    for i, (w, h) in enumerate(sizes):
         img = Image.new("RGB", (w, h), "white")
         ImageDraw.Draw(img).ellipse([w * 0.2, h * 0.2, w * 0.8, h * 0.8], fill=(210, 40, 40))
         img.save(os.path.join(images, f"{i}.png"))
@@ -43,93 +55,155 @@ def _dataset(folder, buckets):
     return os.path.dirname(images)
 
 
-def run_case(case, ckpt, steps, buckets):
-    import mindspore as ms
-    from library import device
+def _build(preset, buckets, ckpt, workdir, extra):
     from library.training.args import parse_args
-    from library.training.compile import StepGraph, representative_inputs
     from library.training.loop import build_training, load_models, prepare
-    device.configure()
+    (resolution, low, high, step), sizes = GEOMETRY[preset]
+    _, args = parse_args([
+        "--pretrained_model_name_or_path", ckpt, "--train_data_dir",
+        _dataset(workdir, sizes[:buckets]), "--resolution", str(resolution), "--enable_bucket",
+        "--min_bucket_reso", str(low), "--max_bucket_reso", str(high), "--bucket_reso_steps",
+        str(step), "--caption_extension", ".txt", "--network_module", "networks.lora",
+        "--network_dim", "8", "--network_train_unet_only", "--cache_latents",
+        "--cache_text_encoder_outputs", "--output_dir", os.path.join(workdir, "out"),
+        "--learning_rate", "1e-4", "--max_data_loader_n_workers", "0", "--seed", "0", *extra])
+    plan = prepare(args)
+    if preset == "tiny":
+        models = load_models(args)
+    else:     # no checkpoint for medium: the tiny file only passes prepare()'s check
+        from library.models import build_sdxl
+        models = build_sdxl(preset)
+        for cell in (models.unet, models.text_encoder1, models.text_encoder2, models.vae):
+            for p in cell.get_parameters():
+                p.requires_grad = False
+    return plan, build_training(plan, models)
+
+
+class _NoLog:
+    def event(self, *_, **__):
+        pass
+
+
+def _graphs(preset, buckets, ckpt, extra):
+    """(inputs, step function, CompileRecord, seconds to the end of the first step)."""
+    import mindspore as ms
+    from library.training.compile import representative_inputs, step_graphs
     with tempfile.TemporaryDirectory(prefix="compile_bench_") as workdir:
-        _, args = parse_args([
-            "--pretrained_model_name_or_path", ckpt, "--train_data_dir", _dataset(workdir, buckets),
-            "--resolution", "64", "--enable_bucket", "--min_bucket_reso", "32",
-            "--max_bucket_reso", "128", "--bucket_reso_steps", "32",
-            "--caption_extension", ".txt", "--network_module", "networks.lora",
-            "--network_dim", "8", "--network_train_unet_only", "--cache_latents",
-            "--cache_text_encoder_outputs", "--output_dir", os.path.join(workdir, "out"),
-            "--learning_rate", "1e-4", "--max_data_loader_n_workers", "0", "--seed", "0"])
-        plan = prepare(args)
-        t = build_training(plan, load_models(args))
+        plan, t = _build(preset, buckets, ckpt, workdir, extra)
         inputs = representative_inputs(
-            plan.train_group, args.seed,
+            plan.train_group, plan.args.seed,
             dict(latent_cache=t.latent_cache, text_cache=t.text_cache), t.assembler)
-    lrs, accumulation = ms.Tensor(t.schedule.lrs(0)), ms.Tensor(1.0, ms.float32)
-    if case == "ahead":
-        grad_fn, apply_fn = StepGraph(t.grad_step), StepGraph(t.apply_step)
-        ahead = [grad_fn.compile(*x) for x in inputs]
-        ahead_apply = apply_fn.compile(lrs, accumulation)
-    else:
-        options = {"O0": {}, "O1": {"jit_level": "O1"}, "strict": {"fullgraph": True}}[case]
-        grad_fn = ms.jit(t.grad_step.construct, **options)
-        apply_fn = ms.jit(t.apply_step.construct, **options)
+    accumulation = ms.Tensor(1.0, ms.float32)
+    lrs = ms.Tensor(t.schedule.lrs(0))
+    start = time.perf_counter()
+    grad_fn, apply_fn, record = step_graphs(plan, t, accumulation, _NoLog())
 
     def step(x):
         t0 = time.perf_counter()
-        loss = float(grad_fn(*x)[0].asnumpy())
-        t1 = time.perf_counter()
+        float(grad_fn(*x)[0].asnumpy())
         float(apply_fn(lrs, accumulation).asnumpy())
-        return t1 - t0, time.perf_counter() - t1, loss
+        return time.perf_counter() - t0
 
-    first = [step(x) for x in inputs]          # each bucket's first call
-    later = [step(x) for _ in range(steps) for x in inputs]
-    grad_step = statistics.median(g for g, _, _ in later)
-    apply_step = statistics.median(a for _, a, _ in later)
-    if case == "ahead":
-        grad_compile, apply_compile = ahead, ahead_apply
+    step(inputs[0])
+    return inputs, step, record, time.perf_counter() - start
+
+
+def run_case(preset, buckets, mode, ckpt, steps, cache_dir):
+    from library import device
+    device.configure()
+    if mode == "cached":
+        inputs, step, record, first = _graphs(preset, buckets, ckpt,
+                                              ["--compile_cache_dir", cache_dir])
+        rows = {"cached": (record, first, [statistics.median(step(x) for _ in range(steps))
+                                           for x in inputs])}
     else:
-        grad_compile = [g - grad_step for g, _, _ in first]
-        apply_compile = first[0][1] - apply_step
-    print(json.dumps(dict(case=case, buckets=len(inputs), grad_compile=grad_compile,
-                          apply_compile=apply_compile, first_step=sum(first[0][:2]),
-                          step=grad_step + apply_step,
-                          loss=sum(loss for _, _, loss in first))), flush=True)
+        runs = {"static": _graphs(preset, buckets, ckpt, ["--static_shapes",
+                                                          "--compile_all_buckets_first",
+                                                          "--no_compile_cache"]),
+                "dynamic": _graphs(preset, buckets, ckpt, ["--no_compile_cache"])}
+        times = {name: [[] for _ in range(buckets)] for name in runs}
+        for name, (inputs, step, _, _) in runs.items():
+            for x in inputs:
+                step(x)     # each shape's first step
+        for _ in range(steps):
+            for i in range(buckets):
+                for name, (inputs, step, _, _) in runs.items():
+                    times[name][i].append(step(inputs[i]))
+        rows = {name: (record, first, [statistics.median(t) for t in times[name]])
+                for name, (_, _, record, first) in runs.items()}
+    for name, (record, first, per_shape) in rows.items():
+        print(json.dumps(dict(preset=preset, buckets=buckets, mode=name, graphs=record.graphs,
+                              hits=record.hits, compile=record.seconds, to_first_step=first,
+                              per_shape=per_shape)), flush=True)
+
+
+def _case(args, ckpt, preset, buckets, mode, cache_dir=""):
+    """The rows (dicts) a case process prints."""
+    proc = subprocess.run([sys.executable, __file__, "--case", f"{preset},{buckets},{mode}",
+                           "--ckpt", ckpt, "--steps", str(args.steps), "--cache-dir", cache_dir],
+                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode or not lines:
+        sys.exit(f"case {preset} {buckets} {mode} failed:\n{proc.stdout[-3000:]}\n"
+                 f"{proc.stderr[-3000:]}")
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+    return [json.loads(x) for x in lines]
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cases", default="O0,O1,strict,ahead")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per bucket after the first")
-    parser.add_argument("--buckets", type=int, default=3, choices=[1, 2, 3])
+    parser.add_argument("--presets", default="tiny,medium")
+    parser.add_argument("--buckets", default="1,3,6")
+    parser.add_argument("--modes", default="ab,cached")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per bucket shape")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     parser.add_argument("--ckpt", help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        run_case(args.case, args.ckpt, args.steps, args.buckets)
+        preset, buckets, mode = args.case.split(",")
+        run_case(preset, int(buckets), mode, args.ckpt, args.steps, args.cache_dir)
         return
+    rows = []
     with tempfile.TemporaryDirectory(prefix="compile_bench_ckpt_") as tmp:
         ckpt = os.path.join(tmp, "tiny.safetensors")
         subprocess.run([sys.executable, os.path.join(ROOT, "tools/make_tiny_sdxl.py"), "--out", ckpt,
                         "--seed", "0"], check=True, capture_output=True,
                        env=dict(os.environ, PYTHONPATH=ROOT))
-        rows = []
-        for case in args.cases.split(","):
-            proc = subprocess.run([sys.executable, __file__, "--case", case, "--ckpt", ckpt,
-                                   "--steps", str(args.steps), "--buckets", str(args.buckets)], capture_output=True, text=True,
-                                  env=dict(os.environ, PYTHONPATH=ROOT))
-            lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
-            if proc.returncode or not lines:
-                sys.exit(f"case {case} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-            rows.append(json.loads(lines[-1]))
-            print(lines[-1], file=sys.stderr, flush=True)
-    print("| case | grad step compile per bucket (s) | apply step compile (s) | "
-          "first step after compile (s) | s/step | loss (sum of first losses) |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        per = r["grad_compile"]
-        print(f"| {r['case']} | {statistics.mean(per):.1f} ({', '.join(f'{x:.1f}' for x in per)}) "
-              f"| {r['apply_compile']:.1f} | {r['first_step']:.2f} | {r['step']:.2f} "
-              f"| {r['loss']:.6f} |")
+        for preset in args.presets.split(","):
+            for buckets in map(int, args.buckets.split(",")):
+                row = {}
+                for mode in args.modes.split(","):
+                    if mode == "cached":
+                        cache = os.path.join(tmp, f"cache-{preset}-{buckets}")
+                        row["cold"] = _case(args, ckpt, preset, buckets, mode, cache)[0]
+                        row["cached"] = _case(args, ckpt, preset, buckets, mode, cache)[0]
+                        shutil.rmtree(cache)
+                    else:
+                        row.update({r["mode"]: r for r in _case(args, ckpt, preset, buckets,
+                                                                  mode)})
+                rows.append((preset, buckets, row))
+    print("| preset | buckets | mode | graphs (cache hits) | compile (s) | to first step (s) "
+          "| s/step per bucket shape |")
+    print("|---|---|---|---|---|---|---|")
+    for preset, buckets, row in rows:
+        for mode, r in row.items():
+            label = {"cold": "cached, first run", "cached": "cached, repeated run"}.get(mode, mode)
+            print(f"| {preset} | {buckets} | {label} | {r['graphs']} ({r['hits']}) "
+                  f"| {r['compile']:.1f} | {r['to_first_step']:.1f} "
+                  f"| {', '.join(f'{s:.2f}' for s in r['per_shape'])} |")
+    for preset, buckets, row in rows:
+        if "static" in row and "dynamic" in row:
+            ratio = statistics.mean(d / s for d, s in zip(row["dynamic"]["per_shape"],
+                                                          row["static"]["per_shape"]))
+            print(f"{preset}, {buckets} bucket(s): dynamic s/step / static = {ratio:.2f}; "
+                  f"compile static {row['static']['compile']:.1f} s, dynamic "
+                  f"{row['dynamic']['compile']:.1f} s", end="")
+            if "cached" in row:
+                share = row["cached"]["to_first_step"] / row["dynamic"]["compile"]
+                print(f"; repeated run to first step = {share:.0%} of the dynamic compile", end="")
+            print()
 
 
 if __name__ == "__main__":

@@ -93,8 +93,14 @@ def quick_gelu(x):
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
 
 
+_resize_nearest = ops.ResizeNearestNeighborV2()
+
+
 def upsample_nearest_2x(x):
-    return ops.interpolate(x, size=(x.shape[2] * 2, x.shape[3] * 2), mode="nearest")
+    """Nearest 2x upsampling of (B, C, H, W). The output size is computed in the graph
+    (`dyn_shape`), so one compiled graph serves every H, W: `ops.interpolate` checks its size
+    argument in Python, which a graph with dynamic H, W cannot run."""
+    return _resize_nearest(x, ops.dyn_shape(x)[2:].astype(ms.int32) * 2)
 
 
 def causal_mask(length):

@@ -33,6 +33,24 @@ def start_tool(*args, output, env=None):
                                 stderr=subprocess.STDOUT, env=_tool_env(env))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compile_cache_home(tmp_path_factory):
+    """The trainer's compile cache for this test session (never the user's ~/.cache): the runs
+    the tests start, in-process or as a CLI, share it, so a graph one test compiled is loaded
+    by the next test that compiles the same one; both xdist workers use one folder (the cache
+    locks an entry while it is written)."""
+    base = tmp_path_factory.getbasetemp()
+    home = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xdg_cache"
+    home.mkdir(exist_ok=True)
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(home)
+    yield home
+    if old is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny") / "tiny_sdxl.safetensors"

@@ -103,3 +103,37 @@ def test_bad_requests_fail_before_running(pipe):
         with pytest.raises(UserError):
             pipe.generate([req(), bad])
     assert pipe.stats.images == before
+
+
+# Three sizes and two batch sizes (batch_size 2: a full batch of 64x64, then short batches)
+MIXED = [dict(width=64, height=64, seed=1), dict(width=64, height=64, seed=2),
+         dict(width=96, height=64, seed=3), dict(width=64, height=96, seed=4)]
+
+
+def mixed_run(models, **options):
+    pipe = Pipeline(models, GenerationOptions(batch_size=2, **options))
+    return pipe, pipe.generate([req(**kw) for kw in MIXED])
+
+
+def test_one_graph_for_every_size_and_batch_size(tiny_models):
+    """The guided UNet step is one dynamic-shape graph: three latent sizes and batches of 2 and
+    1 compile it once, and the images are those of the op-by-op (PyNative) run."""
+    from mindspore.common import api as ms_api
+    before = len(ms_api.ms_compile_cache)
+    pipe, out = mixed_run(tiny_models)
+    assert len(ms_api.ms_compile_cache) - before == 1 and len(pipe.stats.graphs) == 1
+    assert [o.image.size for o in out] == [(64, 64), (64, 64), (96, 64), (64, 96)]
+    _, eager = mixed_run(tiny_models, compile=False)
+    for a, b in zip(out, eager):
+        np.testing.assert_allclose(a.latents, b.latents, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.full
+def test_dynamic_graph_images_equal_the_static_graphs(tiny_models):
+    """(full: four more compiles.) --static_shapes compiles a graph per shape; same images."""
+    _, dynamic = mixed_run(tiny_models)
+    pipe, static = mixed_run(tiny_models, static_shapes=True)
+    assert len(pipe.stats.graphs) == 3      # (2, 64x64), (1, 96x64), (1, 64x96)
+    for a, b in zip(dynamic, static):
+        np.testing.assert_allclose(a.latents, b.latents, rtol=1e-5, atol=1e-5)
+        assert np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16)).max() <= 1

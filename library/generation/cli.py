@@ -47,6 +47,8 @@ def check_args(args):
         raise UserError("--ckpt is required: an SDXL .safetensors file, a diffusers folder or a hub id")
     if args.fp16 and args.bf16:
         raise UserError("--fp16 and --bf16 are exclusive")
+    if args.static_shapes and args.no_compile:
+        raise UserError("--static_shapes is about compiled graphs; --no_compile compiles none")
     for name in ("steps", "images_per_prompt", "n_iter", "batch_size", "highres_fix_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
@@ -253,7 +255,7 @@ def run(args):
         highres_fix_steps=args.highres_fix_steps, highres_fix_strength=args.highres_fix_strength,
         highres_fix_latents_upscaling=args.highres_fix_latents_upscaling,
         highres_fix_save_1st=args.highres_fix_save_1st, vae_batch_size=args.vae_batch_size,
-        compile=not args.no_compile, model_name=os.path.splitext(os.path.basename(args.ckpt.rstrip("/")))[0])
+        compile=not args.no_compile, static_shapes=args.static_shapes, model_name=os.path.splitext(os.path.basename(args.ckpt.rstrip("/")))[0])
 
     # Build every request before loading anything, so a bad prompt line or size fails first.
     iterations = []

@@ -14,8 +14,10 @@ What one call does, following kohya's sdxl_gen_img (the line numbers are sdxl_ge
 - `y` = pooled + size embedding of (original, crop, target), the negative original sizes for the
   unconditional half (545-565);
 - the guided UNet step (unconditional and conditional halves in one 2B call, then
-  uncond + scale * (cond - uncond)) is compiled with ms.jit once per input shape, i.e. per
-  (latent size, batch, prompt chunks), and reused for every step, prompt, seed and image;
+  uncond + scale * (cond - uncond)) is compiled with ms.jit once, with its batch, latent size
+  and prompt length left open (`set_inputs` with None dimensions), and reused for every size,
+  batch, step, prompt, seed and image; a scale of 1 uses the plain UNet step (its own graph).
+  `static_shapes` compiles one graph per input shape instead, as this port used to;
 - the sampler (`samplers.sample`) runs on the host; noise comes from one numpy Generator per image
   seeded with its seed, so an image depends only on its seed (kohya's pre-drawn noise, 2282-2293);
 - img2img: the init image is resized to the target size (LANCZOS), encoded and sampled by the
@@ -94,6 +96,7 @@ class GenerationOptions:
     highres_fix_save_1st: bool = False
     vae_batch_size: Optional[float] = None  # kohya's: None = the batch; < 1 = a ratio of it
     compile: bool = True                    # ms.jit the guided UNet step (False: PyNative)
+    static_shapes: bool = False             # one compiled graph per input shape
     model_name: Optional[str] = None        # for the metadata
 
 
@@ -266,13 +269,15 @@ def write_png(path, result):
 # ---------------------------------------------------------------------------------------------
 # The compiled step
 
-def _guided_cell(unet):
+def _step_cells(unet):
+    """(guided, plain) UNet step Cells: the first for classifier-free guidance (2B context rows),
+    the second for B rows (a scale of 1). Two Cells rather than a branch on the batch sizes: a
+    graph with an open batch size cannot branch on it."""
     import mindspore as ms
     from mindspore import nn, ops
 
-    class GuidedUNet(nn.Cell):
-        """eps for B latents: with 2B context rows, the unconditional (first B) and conditional
-        halves run in one UNet call and are combined with the per-row guidance scale."""
+    class PlainUNet(nn.Cell):
+        """eps for B latents with B context rows."""
 
         def __init__(self, unet):
             # auto_prefix=False keeps the UNet's parameter names: with a prefix MindSpore would
@@ -281,17 +286,46 @@ def _guided_cell(unet):
             super().__init__(auto_prefix=False)
             self.unet = unet
 
+        def construct(self, x, t, context, y):
+            return self.unet(x, t, context, y)
+
+    class GuidedUNet(PlainUNet):
+        """eps for B latents with 2B context rows: the unconditional (first B) and conditional
+        halves run in one UNet call and are combined with the per-row guidance scale."""
+
+        def __init__(self, unet):
+            super().__init__(unet)
+            self.halves = ops.Split(axis=0, output_num=2)
+
         def construct(self, x, t, context, y, scale):
-            b = x.shape[0]
-            if context.shape[0] == b:
-                return self.unet(x, t, context, y)
             out = self.unet(ops.cat([x, x], axis=0), t, context, y)
-            uncond, cond = out[:b], out[b:]
+            # the Split primitive: ops.chunk checks the (open) batch size in Python
+            uncond, cond = self.halves(out)
             return uncond + scale.astype(out.dtype) * (cond - uncond)
 
-    cell = GuidedUNet(unet)
-    cell.set_train(False)
-    return cell, ms
+    cells = GuidedUNet(unet), PlainUNet(unet)
+    for cell in cells:
+        cell.set_train(False)
+    return cells, ms
+
+
+def _open_signature(tensors):
+    """Shape-only tensors with every axis open but the last of the 2-D ones and the channels of
+    the 4-D ones: one graph for every batch, latent size and prompt length."""
+    from mindspore import Tensor
+    signature = []
+    for x in tensors:
+        shape = [None] * x.ndim
+        if x.ndim == 2:
+            shape[1] = x.shape[1]           # y: pooled + size embedding width
+        elif x.ndim == 3:
+            shape[2] = x.shape[2]           # context: the embedding width
+        elif x.ndim == 4 and x.shape[1] != 1:
+            shape[1] = x.shape[1]           # latents: 4 channels (scale is (B, 1, 1, 1))
+        elif x.ndim == 4:
+            shape[1:] = [1, 1, 1]
+        signature.append(Tensor(shape=shape, dtype=x.dtype))
+    return signature
 
 
 def _param_dtype(cell):
@@ -313,8 +347,9 @@ class Pipeline:
         self.stats = GenerationStats()
         if self.options.text_rule not in ("generator", "training"):
             raise UserError(f"unknown text rule {self.options.text_rule!r}: use 'generator' or 'training'")
-        self._guided, self._ms = _guided_cell(models.unet)
-        self._step = self._ms.jit(self._guided.construct) if self.options.compile else self._guided
+        self._cells, self._ms = _step_cells(models.unet)
+        self._steps = [self._ms.jit(c.construct) if self.options.compile else c
+                       for c in self._cells]
         self._unet_dtype = _param_dtype(models.unet)
         self._vae_dtype = _param_dtype(models.vae)
         self._first_calls = []
@@ -375,9 +410,9 @@ class Pipeline:
     def _generate_batch(self, batch):
         o, r0 = self.options, batch[0]
         n_real = len(batch)
-        # A short last batch reuses the full batch's graph (padding rows are dropped) instead of
-        # compiling another one.
-        if n_real < o.batch_size and any(sig[0][0] == o.batch_size and sig[0][2:] ==
+        # With static shapes, a short last batch reuses the full batch's graph (padding rows
+        # are dropped) instead of compiling another one.
+        if o.compile and o.static_shapes and n_real < o.batch_size and any(sig[0][0] == o.batch_size and sig[0][2:] ==
                                          (r0.height // 8, r0.width // 8) for sig in self.stats.graphs):
             batch = batch + [batch[-1]] * (o.batch_size - n_real)
         muls = None
@@ -460,16 +495,25 @@ class Pipeline:
         ms = self._ms
         x = ms.Tensor(np.ascontiguousarray(x_in), dtype=self._unet_dtype)
         tt = ms.Tensor(np.full((context.shape[0],), t, np.float32))
-        signature = (tuple(x.shape), tuple(context.shape), str(self._unet_dtype))
+        guided = context.shape[0] != x.shape[0]
+        inputs = (x, tt, context, y, scale) if guided else (x, tt, context, y)
+        cell = self._cells[0 if guided else 1]
+        if self.options.compile and not self.options.static_shapes:
+            if not cell.get_inputs():
+                cell.set_inputs(*_open_signature(inputs))
+            signature = (guided, str(self._unet_dtype))
+        else:
+            signature = (tuple(x.shape), tuple(context.shape), str(self._unet_dtype))
         start = time.perf_counter()
-        out = self._step(x, tt, context, y, scale).asnumpy().astype(np.float32)
+        out = self._steps[0 if guided else 1](*inputs).asnumpy().astype(np.float32)
         seconds = time.perf_counter() - start
         if signature not in self.stats.graphs:
             self.stats.graphs.append(signature)
             self._first_calls.append(seconds)
             if self.options.compile:
-                logger.info("compiled the UNet step for latents %s, context %s in %.1f s",
-                            signature[0], signature[1], seconds)
+                logger.info("compiled the UNet step for latents %s, context %s in %.1f s%s",
+                            tuple(x.shape), tuple(context.shape), seconds,
+                            "" if self.options.static_shapes else " (one graph for all shapes)")
         else:
             self.stats.step_seconds.append(seconds)
         return out

@@ -147,9 +147,18 @@ def _add_training_arguments(a):
     a("--pynative", action="store_true",
       help="(this port) run the step op by op instead of as a compiled graph: no compile time, "
            "slower steps; for debugging and quick checks")
+    a("--static_shapes", action="store_true",
+      help="(this port) one step graph per batch shape (bucket and batch length) instead of "
+           "the default one graph for every shape; for comparison, and a fallback")
     a("--compile_all_buckets_first", action="store_true",
-      help="(this port) compile the step graph of every batch shape before step 1, with a "
-           "progress bar, instead of at each shape's first batch; nothing is trained by it")
+      help="(this port) with --static_shapes: compile the step graph of every batch shape "
+           "before step 1, with a progress bar, instead of at each shape's first batch. (The "
+           "default dynamic-shape step is always compiled before step 1.)")
+    a("--compile_cache_dir", type=str, default=None,
+      help="(this port) where compiled step graphs are kept between runs, one folder per hash "
+           "of everything that shapes them (default: ~/.cache/sdxl_train_network/compile)")
+    a("--no_compile_cache", action="store_true",
+      help="(this port) compile the step graphs from scratch and keep nothing for later runs")
     a("--max_bucket_count", type=int, default=None,
       help="(this port) keep at most N bucket shapes (the most populated); images of the "
            "others go to the kept bucket nearest their aspect ratio. Fewer graphs to compile")

@@ -1,20 +1,31 @@
-"""The step graphs: compiled once per input shape, counted and timed, optionally all before step 1.
+"""The step graphs: compiled once per run (one graph for every batch shape), counted, timed, and
+kept between runs by the compile cache.
 
-    grad_fn, apply_fn = StepGraph(grad_step), StepGraph(apply_step)
-    compiled = compile_ahead(grad_fn, apply_fn, representative_inputs(...), lrs, accumulation, log)
+    grad_fn, apply_fn, record = step_graphs(plan, training, accumulation, log)
 
-`StepGraph` runs a step Cell as `ms.jit(cell.construct)` (as the trainer always did) and adds
-`compile(*inputs)`: build the graph for these input shapes without running it. Running is not an
-option for compiling ahead: the apply step updates the weights and the optimizer state, and the
-grad step adds into the gradient buffers (and, with LoRA dropout, draws random numbers).
-MindSpore 2.7.1 has no public compile-only call for a jit function: `set_context(precompile_only=
-True)` stops after the front end, and the next real call then fails ("Can't find run graph func";
-tested). So `compile` drives the executor `ms.jit` itself uses (`mindspore.common.api._JitExecutor`)
-with the same JitConfig: the graph lands in the same compile cache, keyed by the Cell and the
-input shapes, and the first real call with those shapes runs it without compiling again
-(tests/test_train_compile.py checks both).
+By default the grad step's inputs are declared with their batch size and latent height and
+width open (`Cell.set_inputs` with None dimensions, library.training.step.dynamic_signature), so
+one graph runs every bucket and batch size of the run, short last batches included (a run whose
+batches all have one shape gets a static graph: the same one compile, faster steps). Both
+graphs are compiled before step 1, in a fixed order, which is what lets the compile cache
+(library.training.compile_cache) serve them to a later run. `--static_shapes` keeps one grad
+graph per batch shape, compiled at each shape's first batch, or all before step 1 with
+`--compile_all_buckets_first` (the cache is used only then: the order is fixed).
+
+`StepGraph` runs a step Cell as `ms.jit(cell.construct)` and adds `compile(*inputs)`: build the
+graph for these inputs (shape-only tensors will do) without running it. Running is not an option
+for compiling ahead: the apply step updates the weights and the optimizer state, and the grad
+step adds into the gradient buffers (and, with LoRA dropout, draws random numbers). MindSpore
+2.7.1 has no public compile-only call for a jit function: `set_context(precompile_only=True)`
+stops after the front end and the next real call then fails ("Can't find run graph func"), and
+the public `Cell.compile` belongs to graph mode's cell executor, whose graphs `ms.jit` does not
+reuse. So `compile` drives the executor `ms.jit` itself uses (`mindspore.common.api._JitExecutor`,
+a private API) with the same JitConfig: the graph lands in the same in-process cache, keyed by
+the Cell and the input signature, and the first real call runs it without compiling again
+(tests/test_train_compile.py pins this).
 """
 
+import contextlib
 import logging
 import time
 
@@ -33,12 +44,15 @@ def _jit_config(jit_level):
 
 
 class StepGraph:
-    """A step Cell run as one compiled graph per input shape."""
+    """A step Cell run as a compiled graph: one for every input shape when `signature` (shape-only
+    tensors, None for an open dimension) is given, else one per input shape."""
 
-    def __init__(self, cell, jit_level=JIT_LEVEL):
+    def __init__(self, cell, signature=None, jit_level=JIT_LEVEL):
         import mindspore as ms
         self.cell = cell
         self.jit_level = jit_level
+        if signature is not None:
+            cell.set_inputs(*signature)
         self._run = ms.jit(cell.construct, jit_level=jit_level)
 
     def __call__(self, *inputs):
@@ -58,6 +72,39 @@ class StepGraph:
         executor = _JitExecutor(fn, time.time_ns(), None, self.cell, _jit_config(self.jit_level))
         executor.compile(fn.__name__, *inputs)
         return time.time() - start
+
+
+class CompileRecord:
+    """The step graphs a run compiled: `compile` events in the step log, and the totals of the
+    `end` event."""
+
+    def __init__(self, log, dynamic):
+        self.log = log
+        self.dynamic = dynamic
+        self.grad_shapes = set()     # static: the batch shapes compiled so far
+        self.graphs = 0
+        self.hits = 0
+        self.seconds = 0.0
+        self.grad_seconds = []       # per grad graph (--max_bucket_count's estimate)
+
+    def covers(self, shape):
+        """Whether a grad graph for this batch shape (pixels' shape) is compiled."""
+        return (self.dynamic and self.graphs > 0) or shape in self.grad_shapes
+
+    def add(self, graph, seconds, shape=None, ahead=False, cache="off"):
+        self.graphs += 1
+        self.hits += cache == "hit"
+        self.seconds += seconds
+        event = dict(graph=graph, seconds=seconds, count=self.graphs, ahead=ahead, cache=cache)
+        if graph == "grad_step":
+            self.grad_shapes.add(shape)
+            self.grad_seconds.append(seconds)
+            event["shape"] = list(shape)
+        self.log.event("compile", **event)
+
+    def totals(self):
+        return dict(compiled_graphs=self.graphs, cache_hits=self.hits,
+                    compile_seconds=round(self.seconds, 3))
 
 
 class _Representatives:
@@ -89,11 +136,12 @@ def batch_shapes(group, seed):
     return [seen[k] for k in sorted(seen)]
 
 
-def representative_inputs(group, seed, loader_kwargs, assembler):
-    """The step inputs of one real batch per distinct batch shape (decoded as training does)."""
+def representative_inputs(group, seed, loader_kwargs, assembler, count=None):
+    """The step inputs of one real batch per distinct batch shape (the first `count` of them),
+    decoded as training does."""
     from library.data.loader import BatchLoader
     from library.training.loop import _to_tensors
-    loader = BatchLoader(_Representatives(group, batch_shapes(group, seed)), seed, 0,
+    loader = BatchLoader(_Representatives(group, batch_shapes(group, seed)[:count]), seed, 0,
                          **loader_kwargs)
     try:
         return [_to_tensors(assembler(batch)[0]) for batch in loader.epoch(1)]
@@ -101,38 +149,65 @@ def representative_inputs(group, seed, loader_kwargs, assembler):
         loader.close()
 
 
-def compile_ahead(grad_fn, apply_fn, inputs, apply_inputs, log):
-    """Compile the grad graph for every input shape and the apply graph, with a progress bar.
+def compile_ahead(grad_fn, apply_fn, grad_inputs, apply_inputs, record, cache=None):
+    """Compile the grad graph for each of `grad_inputs` (distinct signatures) and then the apply
+    graph, in that order, with a progress bar; through `cache` (a CompileCache) when given.
 
-    Nothing runs, so no weight, optimizer state or gradient buffer changes. Returns
-    {pixel input shape: seconds}, the train loop's record of compiled grad graphs."""
+    Nothing runs, so no weight, optimizer state or gradient buffer changes."""
     from tqdm import tqdm
-    compiled = {}
-    with tqdm(total=len(inputs) + 1, desc="compiling step graphs", dynamic_ncols=True) as bar:
-        for tensors in inputs:
-            shape = tuple(tensors[0].shape)
-            if shape in compiled:
-                bar.update(1)
-                continue
-            compiled[shape] = grad_fn.compile(*tensors)
-            log.event("compile", graph="grad_step", shape=list(shape), seconds=compiled[shape],
-                      count=len(compiled), ahead=True)
+    window = cache.window() if cache is not None else contextlib.nullcontext()
+    graphs = [("grad_step", grad_fn, x) for x in grad_inputs] + [("apply_step", apply_fn,
+                                                                   apply_inputs)]
+    with window as entries, tqdm(total=len(graphs), desc="compiling step graphs",
+                                 dynamic_ncols=True) as bar:
+        for graph, fn, inputs in graphs:
+            if entries is not None:
+                entries.before_graph()
+            seconds = fn.compile(*inputs)
+            status = "off" if entries is None else ("hit" if entries.after_graph() else "miss")
+            shape = tuple(inputs[0].shape) if graph == "grad_step" else None
+            record.add(graph, seconds, shape, ahead=True, cache=status)
             bar.update(1)
-        seconds = apply_fn.compile(*apply_inputs)
-        log.event("compile", graph="apply_step", seconds=seconds, ahead=True)
-        bar.update(1)
-    total = sum(compiled.values()) + seconds
-    logger.info(f"compiled {len(compiled)} grad step graph(s) and the apply step in {total:.1f} s "
-                f"before step 1")
-    return compiled
+    where = "" if cache is None else (f"; compile cache {cache.folder}: {record.hits} of "
+                                      f"{record.graphs} graph(s) loaded from it")
+    logger.info(f"compiled {len(grad_inputs)} grad step graph(s) and the apply step in "
+                f"{record.seconds:.1f} s before step 1{where}")
 
 
-def compile_run_ahead(plan, training, grad_fn, apply_fn, accumulation, log):
-    """--compile_all_buckets_first: compile_ahead on the run's own batches and LR input."""
+def uses_dynamic_shapes(args, group):
+    """One graph for every batch shape when the data has more than one (and no --static_shapes).
+    With a single batch shape a static graph is the same one compile, and its steps are faster
+    (a dynamic graph infers every kernel's shapes at each step: docs/training.md)."""
+    return not args.static_shapes and len(batch_shapes(group, args.seed)) > 1
+
+
+def step_graphs(plan, training, accumulation, log):
+    """The run's grad and apply graphs, and the CompileRecord that counts their compiles.
+
+    Both compiled now, through the compile cache: the dynamic grad graph (the default), or the
+    static one of a run with a single batch shape, or every batch shape's with
+    --static_shapes --compile_all_buckets_first. Otherwise (--static_shapes) at each shape's
+    first batch."""
     import mindspore as ms
+    from library.training.compile_cache import CompileCache, cache_key_material
+    from library.training.step import dynamic_signature
+    args = plan.args
+    dynamic = uses_dynamic_shapes(args, plan.train_group)
+    single = len(batch_shapes(plan.train_group, args.seed)) == 1
+    record = CompileRecord(log, dynamic)
+    apply_fn = StepGraph(training.apply_step)
+    if not dynamic and not single and not args.compile_all_buckets_first:
+        return StepGraph(training.grad_step), apply_fn, record
     inputs = representative_inputs(
-        plan.train_group, plan.args.seed,
+        plan.train_group, args.seed,
         dict(latent_cache=training.latent_cache, text_cache=training.text_cache),
-        training.assembler)
-    lrs = ms.Tensor(training.schedule.lrs(0))
-    return compile_ahead(grad_fn, apply_fn, inputs, (lrs, accumulation), log)
+        training.assembler, count=1 if dynamic else None)
+    if dynamic:
+        inputs = [dynamic_signature(inputs[0], training.grad_step.layout)]
+        grad_fn = StepGraph(training.grad_step, inputs[0])
+    else:
+        grad_fn = StepGraph(training.grad_step)
+    apply_inputs = (ms.Tensor(training.schedule.lrs(0)), accumulation)
+    cache = CompileCache.open(args, cache_key_material(plan, training, inputs, apply_inputs))
+    compile_ahead(grad_fn, apply_fn, inputs, apply_inputs, record, cache)
+    return grad_fn, apply_fn, record

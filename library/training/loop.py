@@ -82,6 +82,11 @@ def _check_contradictions(args):
                        "the metadata")
     if args.compile_all_buckets_first and args.pynative:
         raise UserError("--compile_all_buckets_first has nothing to compile with --pynative")
+    if args.compile_all_buckets_first and not args.static_shapes:
+        raise UserError("--compile_all_buckets_first applies to --static_shapes only: the default "
+                        "step is one graph for every batch shape, always compiled before step 1")
+    if args.static_shapes and args.pynative:
+        raise UserError("--static_shapes is about compiled graphs; --pynative compiles none")
     if args.debug_dataset:
         raise UserError("--debug_dataset: use `python tools/inspect_dataset.py` with the same "
                         "dataset options to see what the dataset builds")
@@ -408,7 +413,7 @@ def train(plan):
     import mindspore as ms
     from tqdm import tqdm
     from library.training import filenames as names
-    from library.training.compile import StepGraph, compile_run_ahead
+    from library.training.compile import CompileRecord, step_graphs
     from library.training.logs import RunLog, draw_loss_curve, tensorboard_dir
     from library.training.loss_scale import LossScaleWatch
     from library.training.run_metadata import at_save, run_metadata
@@ -423,10 +428,6 @@ def train(plan):
     network, groups, built, schedule = t.network, t.groups, t.optimizer, t.schedule
     assembler, loader = t.assembler, t.loader
     trainable = list(t.grad_step.trainable)
-    if args.pynative:
-        grad_fn, apply_fn = t.grad_step, t.apply_step
-    else:
-        grad_fn, apply_fn = StepGraph(t.grad_step), StepGraph(t.apply_step)
 
     te_lr = args.text_encoder_lr[0] if args.text_encoder_lr else None
     metadata = run_metadata(args, plan.train_group, plan.val_group,
@@ -508,12 +509,14 @@ def train(plan):
                 f"{plan.num_epochs} epochs, {args.max_train_steps} optimizer steps, "
                 f"{len(trainable)} LoRA tensors in {len(groups)} groups, buckets "
                 f"{plan.train_group.bucket_shapes()}")
-    compiled = {}
     accumulation = ms.Tensor(float(args.gradient_accumulation_steps), ms.float32)
     scaling = LossScaleWatch(t.apply_step.loss_scaler, log)
-    apply_compiled = args.pynative or args.compile_all_buckets_first
-    if args.compile_all_buckets_first:
-        compiled = compile_run_ahead(plan, t, grad_fn, apply_fn, accumulation, log)
+    # after load_state: a compiled graph does not see host-side writes made after it first ran
+    if args.pynative:
+        grad_fn, apply_fn, compiles = t.grad_step, t.apply_step, CompileRecord(log, dynamic=False)
+    else:
+        grad_fn, apply_fn, compiles = step_graphs(plan, t, accumulation, log)
+    apply_compiled = args.pynative or compiles.graphs > 0
     bar = tqdm(total=args.max_train_steps, initial=global_step, desc="steps", smoothing=0,
                dynamic_ncols=True, disable=not world.is_main)
     epoch = start_epoch - 1
@@ -533,12 +536,10 @@ def train(plan):
                 t0 = time.time()
                 loss, per_sample = grad_fn(*_to_tensors(arrays))
                 loss = distributed.mean_scalar(world, float(loss.asnumpy()))   # over the ranks
-                if shape not in compiled and not args.pynative:
-                    compiled[shape] = time.time() - t0
-                    log.event("compile", graph="grad_step", shape=list(shape),
-                              seconds=compiled[shape], count=len(compiled))
+                if not args.pynative and not compiles.covers(shape):    # --static_shapes
+                    compiles.add("grad_step", time.time() - t0, shape)
                     logger.info(f"compiled the step for input shape {shape} in "
-                                f"{compiled[shape]:.1f} s ({len(compiled)} graph(s) so far)")
+                                f"{time.time() - t0:.1f} s ({compiles.graphs} graph(s) so far)")
                 if not math.isfinite(loss):
                     paths = ", ".join(s["path"] for s in batch)
                     raise TrainingStopped(
@@ -554,7 +555,7 @@ def train(plan):
                 grad_norm = float(apply_fn(ms.Tensor(lrs), accumulation).asnumpy())
                 if not apply_compiled:      # its first call: the compile and one update
                     apply_compiled = True
-                    log.event("compile", graph="apply_step", seconds=time.time() - t1)
+                    compiles.add("apply_step", time.time() - t1)
                 global_step += 1
                 step_seconds = time.time() - t0
                 scalars = {"loss/current": loss, "loss/average": loss_sum / loss_count,
@@ -596,11 +597,12 @@ def train(plan):
                             title=f"{name}: loss per step")
         if plan.bucket_cap is not None:
             log.event("bucket_cap_savings", estimated_compile_seconds_saved=(
-                plan.bucket_cap.estimated_seconds_saved(compiled.values())))
-        log.event("end", steps=global_step, compiled_graphs=len(compiled),
-                  skipped_steps=scaling.skipped())
+                plan.bucket_cap.estimated_seconds_saved(
+                compiles.grad_seconds if args.static_shapes else [])))
+        log.event("end", steps=global_step, skipped_steps=scaling.skipped(), **compiles.totals())
         log.close()
-    logger.info(f"saved {final} ({global_step} steps, {len(compiled)} compiled step graph(s))")
+    logger.info(f"saved {final} ({global_step} steps, {compiles.graphs} step graph(s) compiled, "
+                f"{compiles.hits} from the compile cache)")
     return final
 
 

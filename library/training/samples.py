@@ -283,7 +283,7 @@ class TrainingSampler:
             batch_size=1, text_rule="training", max_token_length=a.max_token_length,
             sampler_preset="training",
             prediction_type="v_prediction" if a.v_parameterization else "epsilon",
-            compile=not a.pynative,
+            compile=not a.pynative, static_shapes=a.static_shapes,
             model_name=os.path.splitext(os.path.basename(
                 str(a.pretrained_model_name_or_path).rstrip("/")))[0])
         return Pipeline(self.models, options)

@@ -1,7 +1,7 @@
 """The compiled train step, as two graphs.
 
-`GradStep` (compiled once per bucket shape): latents (from the cache, or from the VAE inside the
-graph), text conditioning (from the cache, or from the text encoders inside the graph), the noise
+`GradStep` (one compiled graph for every batch shape: `dynamic_signature`): latents (from the
+cache, or from the VAE inside the graph), text conditioning (from the cache, or from the text encoders inside the graph), the noise
 of kohya's `get_noise_noisy_latents_and_timesteps`, the UNet, the loss, and the gradients of the
 trainable LoRA parameters, added into gradient buffers. It returns the loss and, per sample, the
 loss before the batch mean.
@@ -45,6 +45,32 @@ class StepLayout(NamedTuple):
     masked: bool              # a loss mask comes in
 
 
+# The open axes of each GradStep input (see its docstring for the order): B, the batch, on every
+# per-sample input; H, W on the latent-sized ones (and the images when latents are not cached).
+# Inputs a layout does not use are 1-element placeholders and stay static.
+_BATCH, _IMAGE = (0,), (0, 2, 3)
+
+
+def _open_axes(layout):
+    text = (_BATCH, _BATCH, _BATCH if layout.weighted else None, _BATCH if layout.weighted else None)
+    return (_IMAGE, None if layout.latents_cached else _IMAGE, *text, _BATCH, _BATCH, _BATCH,
+            _IMAGE, _BATCH, (), _IMAGE, _IMAGE, (), _BATCH, _BATCH,
+            _IMAGE if layout.masked else None)
+
+
+def dynamic_signature(inputs, layout):
+    """Shape-only tensors for `GradStep.set_inputs`: `inputs` (one real batch, as Tensors)
+    with the batch size and the latent height and width left open, so one compiled graph runs
+    every bucket and batch size of a run."""
+    signature = []
+    for x, axes in zip(inputs, _open_axes(layout)):
+        shape = list(x.shape)
+        for axis in axes or ():
+            shape[axis] = None
+        signature.append(Tensor(shape=shape, dtype=x.dtype))
+    return signature
+
+
 class GradStep(nn.Cell):
     """`construct(pixels, vae_noise, text_a, text_b, text_c, text_d, original_hw, crop_tl,
     target_hw, noise, offset_noise, offset_strength, pyramid, ip_noise, ip_strength, timesteps,
@@ -71,6 +97,7 @@ class GradStep(nn.Cell):
         self.forward_diffusion = forward_diffusion
         self.loss = loss
         # plain bools: graph mode reads them as constants
+        self.layout = layout
         self.latents_cached, self.text_cached = layout.latents_cached, layout.text_cached
         self.weighted, self.masked = layout.weighted, layout.masked
         self.weight_dtype = weight_dtype
@@ -119,6 +146,18 @@ class GradStep(nn.Cell):
         if self.scaled:
             loss = per_sample.mean()    # the loss, not the scaled one the gradients came from
         return loss, per_sample
+
+
+class ForwardLoss(nn.Cell):
+    """GradStep's forward and loss as a Cell of its own (validation): no gradients, nothing
+    written, and inputs that can be declared dynamic (`set_inputs`) apart from the grad step's."""
+
+    def __init__(self, grad_step):
+        super().__init__(auto_prefix=False)
+        self.grad_step = grad_step
+
+    def construct(self, *inputs):
+        return self.grad_step.forward_loss(*inputs)
 
 
 class ApplyStep(nn.Cell):

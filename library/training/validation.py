@@ -20,8 +20,9 @@ kohya's semantics (train_network.py:1361-1367, 1534-1682):
 One difference: an average here is the mean over this validation's batches and timesteps; kohya's
 recorder keeps adding the validations of the first epoch into one running mean.
 
-The loss is the train step's forward (GradStep.forward_loss), compiled on its own once per batch
-shape: no gradients, no buffer or parameter is written. The models are in eval mode while it runs
+The loss is the train step's forward (GradStep.forward_loss), compiled on its own: one graph for
+every batch shape (by the train step's rule: static for a single shape or --static_shapes). No gradients, no
+buffer or parameter is written. The models are in eval mode while it runs
 (LoRA dropouts off, as kohya's network.eval()).
 """
 
@@ -85,6 +86,7 @@ class Validation:
             return
         import mindspore as ms
         from library.data.loader import BatchLoader
+        from library.training.step import ForwardLoss
         from library.training.loop import BatchAssembler
         from library.training.noise import NoiseSampler
 
@@ -103,9 +105,12 @@ class Validation:
             BatchAssembler(self.models, layout, NoiseSampler(dataclasses.replace(
                 plan.noise_options, min_timestep=t, max_timestep=t), self.seed), seeded, tokenizers)
             for t in self.timesteps]
-        forward = training.grad_step.forward_loss
-        self.forward = ms.jit(forward) if compile else forward
+        self.layout = layout
+        self.forward_cell = ForwardLoss(training.grad_step)
+        self.forward = ms.jit(self.forward_cell.construct) if compile else self.forward_cell
         self.compile = compile
+        from library.training.compile import uses_dynamic_shapes
+        self.dynamic = compile and uses_dynamic_shapes(args, plan.val_group)
 
     def close(self):
         if self.enabled:
@@ -140,9 +145,15 @@ class Validation:
 
     def _loss(self, arrays):
         from library.training.loop import _to_tensors
+        from library.training.step import dynamic_signature
+        tensors = _to_tensors(arrays)
         shape = tuple(arrays[0].shape)
+        if self.dynamic:
+            if not self.compiled:       # before the first (and only) compile
+                self.forward_cell.set_inputs(*dynamic_signature(tensors, self.layout))
+            shape = tuple(self.forward_cell.get_inputs()[0].shape)
         start = time.time()
-        loss = float(self.forward(*_to_tensors(arrays))[0].asnumpy())
+        loss = float(self.forward(*tensors)[0].asnumpy())
         if self.compile and shape not in self.compiled:
             self.compiled[shape] = time.time() - start
             if self.log is not None:

@@ -45,7 +45,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# the tree whose library is measured: this one, or --library's (passed to the case processes)
+sys.path.insert(0, os.environ.get("BENCH_LIBRARY", ROOT))
 
 from _bench_venv import bench_python  # noqa: E402
 
@@ -292,7 +293,8 @@ LIBRARY = ROOT    # the tree whose library the cases measure (--library)
 
 def _child(args, env=None):
     proc = subprocess.run(args, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=LIBRARY, **(env or {})))
+                          env=dict(os.environ, PYTHONPATH=LIBRARY, BENCH_LIBRARY=LIBRARY,
+                                   **(env or {})))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]

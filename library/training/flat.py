@@ -81,14 +81,6 @@ class FlatLayout(nn.Cell):
         self.classes = tuple(classes)
         self.dtypes = tuple(s.dtype for s in segments)
         self.shapes = tuple(tuple(p.shape) for p in params)
-        offsets = []
-        for s in segments:
-            offset = 0
-            for p in params[s.start:s.stop]:
-                offsets.append(offset)
-                offset += int(np.prod(p.shape))
-        self.offsets = tuple(offsets)
-        self.ends = tuple(o + int(np.prod(s)) for o, s in zip(offsets, self.shapes))
         self.concat = ops.Concat(0)
         self.stack = ops.Stack(0)
         self.unstack = ops.Unstack(0)

@@ -65,9 +65,9 @@ class FlatLayout(nn.Cell):
                 start, offset, segment_classes = len(params), 0, []
                 for shape, members in by_shape.items():
                     n = int(np.prod(shape))
-                    # (first, stop) in params, (offset, length) in the vector, the shape
-                    segment_classes.append(((len(params), len(params) + len(members)),
-                                            (offset, n * len(members)), shape))
+                    # first, stop in params; offset, length in the vector; the shape
+                    segment_classes.append((len(params), len(params) + len(members), offset,
+                                            n * len(members), shape))
                     params.extend(members)
                     offset += n * len(members)
                 name = f"group{gi}" if len(runs) == 1 else f"group{gi}.{k}"
@@ -104,7 +104,7 @@ class FlatLayout(nn.Cell):
         for k in range(len(self.classes)):
             parts = ()
             for c in range(len(self.classes[k])):
-                (first, stop), _, _ = self.classes[k][c]
+                first, stop = self.classes[k][c][0], self.classes[k][c][1]
                 parts = parts + (self.stack(tensors[first:stop]).reshape(-1),)
             # one cast per segment (full_fp16 parameters), not one per tensor
             out = out + (ops.cast(self.concat(parts), F32),)
@@ -118,7 +118,7 @@ class FlatLayout(nn.Cell):
         for k in range(len(self.classes)):
             vector = ops.cast(vectors[k], self.dtypes[k])
             for c in range(len(self.classes[k])):
-                (first, stop), (offset, length), shape = self.classes[k][c]
+                first, stop, offset, length, shape = self.classes[k][c]
                 # ops.slice, not vector[a:b]: on CPU that StridedSlice took time in proportion
                 # to the whole vector (7.4 ms a call on 5.7 M values; MindSpore's profiler)
                 block = ops.slice(vector, (offset,), (length,)).reshape((stop - first,) + shape)

@@ -187,21 +187,19 @@ class ApplyStep(nn.Cell):
         norm = global_norm(grads)
         grads = clip_to_norm(grads, norm, self.max_grad_norm)
         if self.scaled:
-            self._scaled_update(grads, norm, lrs)
+            # torch GradScaler's order under accelerate: unscale (done with the mean above),
+            # check (from the norm), clip, step unless inf/NaN, update the scale. A skipped step
+            # leaves weights and optimizer state (its step count too) as they were; the returned
+            # norm is then not finite. Inline: as a method returning nothing, this branch
+            # compiled to a Python-fallback node that MindIR (the compile cache) cannot export.
+            finite = ops.isfinite(norm)
+            if finite:
+                self.optimizer(grads, lrs)
+            self.loss_scaler.update(finite)
         else:
             self.optimizer(grads, lrs)
         self._zero_buffers()
         return norm
-
-    def _scaled_update(self, grads, norm, lrs):
-        """torch GradScaler's order under accelerate: unscale (done with the mean), check (from
-        the norm), clip, step unless inf/NaN, update the scale. A skipped step leaves weights
-        and optimizer state (its step count too) as they were; the returned norm is then not
-        finite."""
-        finite = ops.isfinite(norm)
-        if finite:
-            self.optimizer(grads, lrs)
-        self.loss_scaler.update(finite)
 
     def _zero_buffers(self):
         for buffer in self.grad_buffers:

@@ -9,12 +9,13 @@ one way, compiled alone with ms.jit on CPU, for --tensors alternating (8, width)
 tensors (rank-8 LoRA factors of a --width wide layer): compile time, median run time, and
 whether the Parameters hold the right values afterwards.
 
-- write, copy_ / ops.assign / assign_add: slice the vector (`vector[a:b]`, a StridedSlice) per
-  tensor and write it in place, unrolled as a Python loop;
-- write, copy_ via HyperMap: the same writes expanded by HyperMap, with `vector[a:b]` or with
-  `ops.slice` (what FlatLayout.write does).
+- write, copy_ / ops.assign / assign_add: cut the vector per tensor (`vector[a:b]`, a
+  StridedSlice, or `ops.slice`) and write it in place, the per-tensor work expanded by HyperMap;
+- write, by shape class: the tensors are laid out by shape, each class's block is cut by one
+  Slice and one Unstack, then one copy_ per tensor (what FlatLayout.write does).
   The vector is computed inside the graph (input × 1), as the optimizer's result is;
-- read, loop / HyperMap: reshape every Parameter and concatenate (FlatLayout.read);
+- read, loop / HyperMap / by shape class: reshape every Parameter and concatenate, or one Stack
+  per shape class (FlatLayout.read);
 - LoRA factors as views: the forward of a chain of LoRA branches with gradients, once with a
   Parameter per factor (gradients concatenated into one flat buffer, as GradStep does) and once
   with every factor sliced from one flat Parameter, so nothing needs writing back. MindSpore
@@ -32,24 +33,42 @@ from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
 
 RANK = 8
 
-_write = ops.MultitypeFuncGraph("write")
-_write_slice = ops.MultitypeFuncGraph("write_slice")
 _flat = ops.MultitypeFuncGraph("flat")
+_writes = {how: ops.MultitypeFuncGraph(f"write_{i}") for i, how in enumerate(
+    ("copy_, vector[a:b]", "copy_, ops.slice", "ops.assign, ops.slice", "assign_add, ops.slice"))}
 
 
-@_write.register("Tensor", "Tensor", "Number", "Number", "Tuple")
-def _write_copy(vector, param, start, end, shape):
+@_writes["copy_, vector[a:b]"].register("Tensor", "Tensor", "Number", "Number", "Tuple")
+def _write_copy_index(vector, param, start, end, shape):
     return param.copy_(vector[start:end].reshape(shape))
 
 
-@_write_slice.register("Tensor", "Tensor", "Number", "Number", "Tuple")
+@_writes["copy_, ops.slice"].register("Tensor", "Tensor", "Number", "Number", "Tuple")
 def _write_copy_slice(vector, param, start, end, shape):
     return param.copy_(ops.slice(vector, (start,), (end - start,)).reshape(shape))
+
+
+@_writes["ops.assign, ops.slice"].register("Tensor", "Tensor", "Number", "Number", "Tuple")
+def _write_assign(vector, param, start, end, shape):
+    return ops.assign(param, ops.slice(vector, (start,), (end - start,)).reshape(shape))
+
+
+@_writes["assign_add, ops.slice"].register("Tensor", "Tensor", "Number", "Number", "Tuple")
+def _write_assign_add(vector, param, start, end, shape):
+    return ops.assign_add(param, ops.slice(vector, (start,), (end - start,)).reshape(shape) - param)
 
 
 @_flat.register("Tensor")
 def _flat_tensor(tensor):
     return tensor.reshape(-1)
+
+
+_copy_value = ops.MultitypeFuncGraph("copy_value")
+
+
+@_copy_value.register("Tensor", "Tensor")
+def _copy_value_into(param, value):
+    return param.copy_(value)
 
 
 class Layout:
@@ -65,25 +84,24 @@ class Write(nn.Cell):
     def __init__(self, layout, how):
         super().__init__()
         self.how, self.shapes, self.starts, self.ends = how, layout.shapes, layout.starts, layout.ends
+        self.width = layout.width
         self.params = ParameterTuple(Parameter(Tensor(np.zeros(s, np.float32)), name=f"{how}{i}")
                                      for i, s in enumerate(layout.shapes))
-        self.hyper_map = ops.HyperMap()
+        self.hyper_map, self.unstack = ops.HyperMap(), ops.Unstack(0)
 
     def construct(self, vector, one):
         vector = vector * one
-        if self.how.startswith("copy_ via HyperMap"):
-            write = _write_slice if "ops.slice" in self.how else _write
-            self.hyper_map(ops.partial(write, vector), self.params, self.starts, self.ends,
-                           self.shapes)
+        if self.how == "by shape class":
+            # the even tensors (one shape) first, then the odd ones, as FlatLayout orders them
+            half = len(self.shapes) // 2
+            n = RANK * self.width
+            for c in range(2):
+                block = ops.slice(vector, (c * half * n,), (half * n,)).reshape(
+                    (half,) + self.shapes[c])
+                self.hyper_map(_copy_value, self.params[c::2], self.unstack(block))
             return vector
-        for i in range(len(self.shapes)):
-            piece = vector[self.starts[i]:self.ends[i]].reshape(self.shapes[i])
-            if self.how == "copy_":
-                self.params[i].copy_(piece)
-            elif self.how == "ops.assign":
-                ops.assign(self.params[i], piece)
-            else:
-                ops.assign_add(self.params[i], piece - self.params[i])
+        self.hyper_map(ops.partial(_writes[self.how], vector), self.params, self.starts, self.ends,
+                       self.shapes)
         return vector
 
 
@@ -94,9 +112,12 @@ class Read(nn.Cell):
         self.params = ParameterTuple(
             Parameter(Tensor(np.arange(s, e, dtype=np.float32).reshape(shape)), name=f"r{how}{i}")
             for i, (s, e, shape) in enumerate(zip(layout.starts, layout.ends, layout.shapes)))
-        self.concat, self.hyper_map = ops.Concat(0), ops.HyperMap()
+        self.concat, self.hyper_map, self.stack = ops.Concat(0), ops.HyperMap(), ops.Stack(0)
 
     def construct(self, vector, one):
+        if self.how == "by shape class":
+            return self.concat((self.stack(self.params[0::2]).reshape(-1),
+                                self.stack(self.params[1::2]).reshape(-1))) + vector
         if self.how == "HyperMap":
             return self.concat(self.hyper_map(_flat, self.params)) + vector
         parts = ()
@@ -174,17 +195,23 @@ def main():
     print(f"{args.tensors} tensors, {layout.size:,} values; median of {args.steps} runs\n")
     print("| what | compile (s) | run (ms) | values right |")
     print("|---|---|---|---|")
-    for how in ("copy_", "copy_ via HyperMap", "copy_ via HyperMap, ops.slice", "ops.assign",
-                "assign_add"):
+    for how in (*_writes, "by shape class"):
         cell = Write(layout, how)
+        # where each tensor's values are in the vector: in order, or by shape class
+        order = list(range(0, len(layout.shapes), 2)) + list(range(1, len(layout.shapes), 2)) \
+            if how == "by shape class" else list(range(len(layout.shapes)))
+        n = RANK * layout.width
         c, t, ok = measure(cell, vector, args.steps, lambda: all(
-            np.array_equal(p.asnumpy().ravel(), expected[s:e])
-            for p, s, e in zip(cell.params, layout.starts, layout.ends)))
+            np.array_equal(cell.params[i].asnumpy().ravel(), expected[q * n:(q + 1) * n])
+            for q, i in enumerate(order)))
         print(f"| write, {how} | {c:.1f} | {1000 * t:.1f} | {ok} |", flush=True)
-    for how in ("loop", "HyperMap"):
+    by_class = np.concatenate([expected[s:e] for parity in (0, 1)
+                               for s, e in list(zip(layout.starts, layout.ends))[parity::2]])
+    for how in ("loop", "HyperMap", "by shape class"):
         cell = Read(layout, how)
         c, t, _ = measure(cell, vector, args.steps, lambda: None)
-        ok = np.array_equal(ms.jit(cell.construct)(vector * 0, ONE).asnumpy(), expected)
+        want = by_class if how == "by shape class" else expected
+        ok = np.array_equal(ms.jit(cell.construct)(vector * 0, ONE).asnumpy(), want)
         print(f"| read, {how} | {c:.1f} | {1000 * t:.1f} | {ok} |", flush=True)
     if args.skip_views:
         return

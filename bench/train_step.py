@@ -3,7 +3,7 @@
     python bench/train_step.py [--steps 5] [--pynative-steps 2] [--tiny-latent 64]
                                [--medium-latent 32] [--presets tiny,medium]
                                [--modes graph,pynative] [--torch-python PATH | --no-torch]
-                               [--no-synthetic]
+                               [--no-synthetic] [--apply-only] [--library TREE]
 
 Each case runs in its own process and reports its peak RSS. The MindSpore cases build the real
 run in-process: a one-image synthetic dataset is drawn, parsed with the trainer's own arguments
@@ -22,11 +22,14 @@ built from the same config (library.models.diffusers_config), a hand-written LoR
 noise, clip_grad_norm_(1.0), torch.optim.AdamW. It runs in .venv-bench (created on first use with
 torch==2.13.0, diffusers==0.35.2, transformers==4.57.1; git-ignored), or --torch-python.
 
-A second table is the apply step alone: its median time and the operator count of its compiled
-graph (library.training.graph_stats) for each graph-mode preset, and for a synthetic run with
-the LoRA of full-size SDXL (every module kohya makes with conv_dim, TE1 + TE2 + UNet, 2,104
-tensors, rank 8; shapes from tests/fixtures/kohya_sdxl_lora_keys_conv_dim.tsv) whose gradient
-buffers are filled with random values instead of running a grad step.
+A second table (alone with --apply-only) is the apply step by itself, each case in its own
+process: compile time, median and fastest call, and the operator count of its compiled graph
+(library.training.graph_stats), for each preset's real run and for a synthetic run with the LoRA
+of full-size SDXL (every module kohya makes with conv_dim, TE1 + TE2 + UNet, 2,104 tensors, rank
+8; shapes from tests/fixtures/kohya_sdxl_lora_keys_conv_dim.tsv); the gradient buffers hold
+random values instead of a grad step's. --library measures another source tree with this file,
+e.g. the per-tensor apply step before the flat layout:
+`git worktree add /tmp/before da24e02; python bench/train_step.py --apply-only --library /tmp/before`.
 """
 
 import argparse
@@ -42,7 +45,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+# the tree whose library is measured: this one, or --library's (passed to the case processes)
+sys.path.insert(0, os.environ.get("BENCH_LIBRARY", ROOT))
 
 from _bench_venv import bench_python  # noqa: E402
 
@@ -120,11 +124,7 @@ def run_case(preset, mode, latent, steps, ckpt):
     first = step(0)
     timed = [step(i) for i in range(1, steps + 1)]
     total = statistics.median(g + a for g, a, _ in timed)
-    kernels = None
-    if mode == "graph":
-        from library.training.graph_stats import graph_op_counts
-        kernels = sum(graph_op_counts(t.apply_step, lrs, accumulation).values())
-    print(json.dumps(dict(kernels=kernels,
+    print(json.dumps(dict(
         first=first[0] + first[1], first_grad=first[0], first_apply=first[1], step=total,
         best=min(g + a for g, a, _ in timed),
         grad=statistics.median(g for g, _, _ in timed),
@@ -152,43 +152,68 @@ def _sdxl_lora_shapes(rank):
     return shapes
 
 
-def run_apply_case(steps):
-    """The apply step alone on a full-size SDXL LoRA's tensors (AdamW, max_grad_norm 1, one group
-    per TE1 / TE2 / UNet), from random gradient buffers."""
+def _synthetic_apply_step():
+    """An ApplyStep over a full-size SDXL LoRA's tensors (AdamW, max_grad_norm 1, one group per
+    TE1 / TE2 / UNet) and its gradient buffers. Before the flat layout (da24e02 and older) the
+    buffers were one per tensor; that case is kept so this file measures both layouts."""
     import mindspore as ms
     import numpy as np
-    from library import device
-    from library.training.graph_stats import graph_op_counts
     from library.training.optim import build_optimizer
     from library.training.optimizers import ParamGroup
     from library.training.step import ApplyStep
-    device.configure()
     rng = np.random.default_rng(0)
     params = {prefix: [] for prefix in ("lora_te1", "lora_te2", "lora_unet")}
     for key, shape in _sdxl_lora_shapes(RANK).items():
-        params[key.split("_")[0] + "_" + key.split("_")[1]].append(ms.Parameter(
+        params["_".join(key.split("_")[:2])].append(ms.Parameter(
             ms.Tensor(rng.standard_normal(shape).astype(np.float32) * 0.01), name=key))
     groups = [ParamGroup(ps, 1e-4, prefix) for prefix, ps in params.items()]
-    built = build_optimizer(groups, 1e-4, "AdamW", [])
-    flat = built.optimizer.layout
-    buffers = flat.zeros("grad_buffer")
-    apply_step = ApplyStep(buffers, built.optimizer, 1.0)
-    lrs, accumulation = ms.Tensor(np.full(len(groups), 1e-4, np.float32)), ms.Tensor(1.0, ms.float32)
+    optimizer = build_optimizer(groups, 1e-4, "AdamW", []).optimizer
+    if hasattr(optimizer, "layout"):
+        buffers = optimizer.layout.zeros("grad_buffer")
+    else:
+        buffers = ms.ParameterTuple(ms.Parameter(ms.Tensor(np.zeros(p.shape, np.float32)),
+                                                 name=f"grad_buffer.{p.name}", requires_grad=False)
+                                    for ps in params.values() for p in ps)
+    return ApplyStep(buffers, optimizer, 1.0), buffers, [p for ps in params.values() for p in ps]
+
+
+def run_apply_case(preset, latent, steps, ckpt):
+    """The apply step alone, from random gradient buffers: the preset's real run (its LoRA, its
+    optimizer groups), or `synthetic` (_synthetic_apply_step)."""
+    import mindspore as ms
+    import numpy as np
+    from library import device
+    device.configure()
+    if preset == "synthetic":
+        apply_step, buffers, trainable = _synthetic_apply_step()
+        lrs = ms.Tensor(np.full(3, 1e-4, np.float32))
+    else:
+        with tempfile.TemporaryDirectory(prefix="train_bench_") as workdir:
+            t = build_run(preset, latent, ckpt, workdir, steps)
+            t.loader.close()
+        apply_step, buffers = t.apply_step, t.grad_step.grad_buffers
+        trainable, lrs = list(t.grad_step.trainable), ms.Tensor(t.schedule.lrs(0))
+    rng = np.random.default_rng(1)
+    for b in buffers:   # before the first compile, so the graph reads these values
+        b.set_data(ms.Tensor(rng.standard_normal(b.shape).astype(np.float32) * 1e-3))
+    accumulation = ms.Tensor(1.0, ms.float32)
     run = ms.jit(apply_step.construct)
 
     def one():
-        for b in buffers:   # in place: the compiled graph keeps the buffers' memory
-            b.copy_(ms.Tensor(rng.standard_normal(b.shape).astype(np.float32) * 1e-3))
         t0 = time.perf_counter()
         float(run(lrs, accumulation).asnumpy())
         return time.perf_counter() - t0
 
     first = one()
     timed = [one() for _ in range(steps)]
+    try:
+        from library.training.graph_stats import graph_op_counts
+        kernels = sum(graph_op_counts(apply_step, lrs, accumulation).values())
+    except ImportError:     # a tree from before the flat layout
+        kernels = None
     print(json.dumps(dict(
-        first=first, apply=statistics.median(timed), steps=steps,
-        kernels=sum(graph_op_counts(apply_step, lrs, accumulation).values()),
-        lora_tensors=len(flat.params), lora_values=int(sum(s.size for s in flat.segments)),
+        first=first, apply=statistics.median(timed), best=min(timed), steps=steps, kernels=kernels,
+        lora_tensors=len(trainable), lora_values=int(sum(np.prod(p.shape) for p in trainable)),
         rss=_peak_rss_gib())), flush=True)
 
 
@@ -263,9 +288,13 @@ print(json.dumps(dict(
 '''
 
 
+LIBRARY = ROOT    # the tree whose library the cases measure (--library)
+
+
 def _child(args, env=None):
     proc = subprocess.run(args, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})))
+                          env=dict(os.environ, PYTHONPATH=LIBRARY, BENCH_LIBRARY=LIBRARY,
+                                   **(env or {})))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
@@ -285,11 +314,16 @@ def main():
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--no-synthetic", action="store_true",
                    help="skip the apply step on a full-size SDXL LoRA's 2,104 tensors")
+    p.add_argument("--apply-only", action="store_true",
+                   help="only the apply-step table (no grad step, PyNative or PyTorch rows)")
+    p.add_argument("--library", default=ROOT,
+                   help="the source tree to measure (e.g. a checkout of an older commit)")
     p.add_argument("--case", nargs=5, help=argparse.SUPPRESS)  # internal: preset mode latent steps ckpt
-    p.add_argument("--apply-case", type=int, help=argparse.SUPPRESS)  # internal: steps
+    p.add_argument("--apply-case", nargs=4, help=argparse.SUPPRESS)  # internal: preset latent steps ckpt
     args = p.parse_args()
     if args.apply_case:
-        return run_apply_case(args.apply_case)
+        preset, latent, steps, ckpt = args.apply_case
+        return run_apply_case(preset, int(latent), int(steps), ckpt)
     if args.case:
         preset, mode, latent, steps, ckpt = args.case
         return run_case(preset, mode, int(latent), int(steps), ckpt)
@@ -302,12 +336,16 @@ def main():
 
 
 def _measure(args, tmp):
+    global LIBRARY
+    LIBRARY = os.path.abspath(args.library)
     ckpt = os.path.join(tmp, "tiny.safetensors")
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tiny_sdxl.py"), "--out", ckpt,
                     "--seed", "0"], check=True, capture_output=True)
     python = None if args.no_torch else (args.torch_python or bench_python())
     latents = {"tiny": args.tiny_latent, "medium": args.medium_latent}
     rows, load_before = [], os.getloadavg()[0]
+    if args.apply_only:
+        return _apply_table(args, latents, ckpt, load_before)
     for preset in args.presets.split(","):
         latent = latents[preset]
         ms_rows = {}
@@ -353,23 +391,33 @@ def _measure(args, tmp):
         print(f"| {preset} | {size} | {backend} | {compile_s} | {r['step']:.2f} ({r['best']:.2f}) | "
               f"{r['grad']:.2f} / {r['apply']:.2f} | {r['rss']:.2f} | {r['lora_tensors']} | {ratio} |")
 
-    apply_rows = [(f"{preset} {latent}×{latent}", r) for preset, latent, backend, r in rows
-                  if backend == "MindSpore graph" and "error" not in r]
+    _apply_table(args, latents, ckpt, load_before)
+
+
+def _apply_table(args, latents, ckpt, load_before):
+    cases = [(preset, latents[preset], f"{preset} {latents[preset]}×{latents[preset]}")
+             for preset in args.presets.split(",")]
     if not args.no_synthetic:
-        r = _child([sys.executable, os.path.abspath(__file__), "--apply-case", str(args.steps)])
-        print("synthetic apply", r, file=sys.stderr, flush=True)
-        apply_rows.append(("synthetic: full-size SDXL LoRA (TE1+TE2+UNet, conv_dim)", r))
-    print(f"\nApply step alone (AdamW, max_grad_norm 1, float32), MindSpore graph mode: median of "
-          f"{args.steps} steps after the first; operators: nodes of its compiled graph "
-          f"(library.training.graph_stats)\n")
-    print("| run | LoRA tensors | LoRA values | apply (s) | operators |")
-    print("|---|---|---|---|---|")
-    for name, r in apply_rows:
+        cases.append(("synthetic", 0, "synthetic: full-size SDXL LoRA (TE1+TE2+UNet, conv_dim)"))
+    rows = []
+    for preset, latent, name in cases:
+        r = _child([sys.executable, os.path.abspath(__file__), "--apply-case", preset,
+                    str(latent), str(args.steps), ckpt])
+        print("apply", preset, r, file=sys.stderr, flush=True)
+        rows.append((name, r))
+    print(f"\nApply step alone (AdamW, max_grad_norm 1, float32, random gradient buffers), "
+          f"MindSpore graph mode, {LIBRARY}: compile = first call minus the median; median and "
+          f"fastest of {args.steps} calls after it; operators: nodes of its compiled graph "
+          f"(library.training.graph_stats). Load average (1 min) {load_before:.1f} at the start, "
+          f"{os.getloadavg()[0]:.1f} at the end\n")
+    print("| run | LoRA tensors | LoRA values | compile (s) | apply (s) median (fastest) | operators |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows:
         if "error" in r:
-            print(f"| {name} | – | – | failed: {r['error']} | – |")
+            print(f"| {name} | – | – | – | failed: {r['error']} | – |")
             continue
-        print(f"| {name} | {r['lora_tensors']} | {r['lora_values']:,} | {r['apply']:.3f} | "
-              f"{r['kernels']} |")
+        print(f"| {name} | {r['lora_tensors']} | {r['lora_values']:,} | {r['first'] - r['apply']:.1f} "
+              f"| {r['apply']:.3f} ({r['best']:.3f}) | {r['kernels'] if r['kernels'] else '–'} |")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
-from library.training.grads import DynamicLossScaler, clip_to_norm, global_norm
+from library.training.grads import DynamicLossScaler, clip_to_norm, global_norm, scale_all
 from library.training.optimizers import ParamGroup, SGDNesterov
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures/train_golden/clip_grad_norm.json").read_text())
@@ -41,7 +41,7 @@ class ScaledUpdate(nn.Cell):
 
     @ms.jit
     def construct(self, scaled_grads, lrs):
-        grads = self.scaler.unscale(self.optimizer.layout.flatten(scaled_grads))
+        grads = scale_all(self.optimizer.layout.flatten(scaled_grads), 1 / self.scaler.scale)
         finite = ops.isfinite(global_norm(grads))
         if finite:
             self.optimizer(grads, lrs)

@@ -62,11 +62,15 @@ def first_batch_inputs(training):
 
 
 def per_parameter(flat, vectors):
-    """Flat per-segment arrays (a FlatLayout's order) -> {parameter name: array}."""
+    """Flat per-segment arrays (a FlatLayout's order: its params one after the other, row-major)
+    -> {parameter name: array}."""
     out = {}
     for s, vector in zip(flat.segments, vectors):
-        for i in range(s.start, s.stop):
-            out[flat.params[i].name] = vector[flat.offsets[i]:flat.ends[i]].reshape(flat.shapes[i])
+        offset = 0
+        for p in flat.params[s.start:s.stop]:
+            n = int(np.prod(p.shape))
+            out[p.name] = vector[offset:offset + n].reshape(p.shape)
+            offset += n
     return out
 
 

@@ -12,6 +12,7 @@ import pytest
 from mindspore import nn, Parameter, ParameterTuple, Tensor
 
 from library.errors import UserError
+from library.safetensors_io import SafetensorsFile
 from library.training import filenames as names
 from library.training import state as S
 from library.training.flat import FlatLayout
@@ -31,6 +32,8 @@ class FakeOptimizer(nn.Cell):
             Parameter(Tensor(np.full(s.size, moment_value, np.float32)), name=f"exp_avg.{s.name}")
             for s in self.layout.segments)
         self.step_count = Parameter(Tensor(7, ms.int32), name="optimizer.step")
+        self.scratch = Parameter(Tensor(np.ones(3, np.float32)), name="adamw_staging.group0")
+        self.scratch_names = {self.scratch.name}      # working memory, not saved
         if with_extra:
             self.extra = Parameter(Tensor(1.0, ms.float32), name="prodigy.d")
 
@@ -75,6 +78,7 @@ def test_round_trip_restores_every_parameter_and_the_progress(tmp_path):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
     assert int(fresh.optimizer.step_count.asnumpy()) == 7
     np.testing.assert_array_equal(fresh.grad_buffers[0].asnumpy(), 1.0)   # buffers are not state
+    assert "adamw_staging.group0" not in SafetensorsFile(folder / "optimizer.safetensors").keys()
     assert record["loss_sum"] == 0.1 + 0.2 and record["data_position"]["batch"] == 5
     assert record["current_step"] == 15 and record["current_epoch"] == 2
 

@@ -1,12 +1,12 @@
 """The apply step's compiled graph does not grow with the number of LoRA tensors.
 
 The same ApplyStep (two parameter groups, clipping on) is compiled for 50 and for 400
-LoRA-shaped tensors and its operators counted (library.training.graph_stats). Everything the
-step computes (division, norm, clipping, the optimizer's update, the fp16 check and scale,
-zeroing) must occur equally often; the only operators allowed to grow are the per-tensor ends of
-the flat layout, each exactly once per extra tensor: reading the parameters into the flat vector
-(a Reshape) and writing the result back (Slice, Reshape, InplaceCopy), for which
-MindSpore 2.7.1 offers no batched form (library/training/flat.py).
+LoRA-shaped tensors (two shapes) and its operators counted (library.training.graph_stats).
+Everything the step computes (division, norm, clipping, the optimizer's update, the fp16 check
+and scale, zeroing, reading the parameters and cutting the result into them by shape class)
+must occur equally often; the only operator allowed to grow is the in-place copy into each LoRA
+Parameter, exactly once per extra tensor, for which MindSpore 2.7.1 offers no batched form
+(library/training/flat.py).
 """
 
 import numpy as np
@@ -20,7 +20,7 @@ from library.training.optim import build_optimizer
 from library.training.optimizers import ParamGroup
 from library.training.step import ApplyStep
 
-PER_TENSOR = {"Reshape": 2, "Slice": 1, "InplaceCopy": 1}
+PER_TENSOR = {"InplaceCopy": 1}
 
 
 def apply_step(tensors, optimizer, fp16, tag):
@@ -42,6 +42,6 @@ def apply_step(tensors, optimizer, fp16, tag):
 def test_apply_graph_does_not_grow_with_the_lora_tensor_count(optimizer, fp16):
     small = graph_op_counts(*apply_step(50, optimizer, fp16, f"small{optimizer}{fp16}"))
     large = graph_op_counts(*apply_step(400, optimizer, fp16, f"large{optimizer}{fp16}"))
-    assert sum(small.values()) > 4 * 50      # the counts are of a real graph
+    assert small["InplaceCopy"] >= 50 and sum(small.values()) > 100     # a real graph's counts
     grown = {op: large[op] - small[op] for op in set(small) | set(large) if large[op] != small[op]}
     assert grown == {op: n * 350 for op, n in PER_TENSOR.items()}

@@ -1,7 +1,7 @@
 """The trainable parameters as a few flat float32 vectors: one per parameter group and dtype.
 
 The gradient buffers, the optimizer state and the optimizer's arithmetic live in this form, so
-the apply step runs a handful of kernels per group however many LoRA tensors there are:
+the apply step runs a fixed number of kernels per group however many LoRA tensors there are:
 
     flat = FlatLayout(groups)       # groups: [ParamGroup(params, lr, description)]
     flat.flatten(grads)             # per-parameter tensors -> one float32 vector per segment
@@ -9,15 +9,15 @@ the apply step runs a handful of kernels per group however many LoRA tensors the
     flat.write(vectors)             # the new values back into the parameters, in their dtype
 
 A segment is a run of consecutive parameters of one group with one dtype (every run of this
-trainer has one dtype per group, so one segment per group); the parameter order is the groups'
-order, unchanged. Inside a segment each parameter occupies [offset, offset + size) in row-major
-order, as `reshape(-1)` lays it out.
-
-Only `write` needs one kernel per tensor (a slice and an in-place copy): MindSpore 2.7.1 has no
-Parameter that aliases part of another one, and on CPU it has no kernel for SplitV, the one
-primitive that cuts a vector into pieces of different sizes. `Tensor.copy_` is used for every
-Parameter write of the apply step, because `ops.assign` costs about 25x more per call on CPU
-(400 LoRA-sized writes: 19 ms with copy_, 574 ms with assign; bench/flat_writeback.py).
+trainer has one dtype per group, so one segment per group). Inside a segment the parameters are
+ordered by shape class (all tensors of one shape together, classes in order of first
+appearance; `params` is that order) and each occupies [offset, offset + size) in row-major
+order. A class is one Stack (read) or one Unstack (write) of a (count, *shape) block, so reading
+and writing cost a few kernels per shape class (a LoRA has tens of shapes, against hundreds or
+thousands of tensors), plus, when writing, one in-place copy per tensor: MindSpore 2.7.1 has no
+Parameter that aliases part of another one (LoRA factors stored as slices of one flat Parameter
+made the grad step several times slower, bench/flat_writeback.py). On this CPU the kernel
+launches, not the arithmetic, dominate a LoRA's apply step, hence the classes.
 """
 
 from typing import NamedTuple
@@ -28,24 +28,13 @@ from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
 
 F32 = ms.float32
 
-# Per-tensor work goes through HyperMap, which graph mode expands in C++: compiling the reshapes
-# and the concat of 400 tensors took 0.9 s this way and 31 s as an unrolled Python loop, the
-# write-back 12 s against 38 s (bench/flat_writeback.py).
-_flat = ops.MultitypeFuncGraph("flat")
-_write = ops.MultitypeFuncGraph("write")
+_copy = ops.MultitypeFuncGraph("copy")
 
 
-@_flat.register("Tensor")
-def _flat_tensor(tensor):
-    return tensor.reshape(-1)
-
-
-@_write.register("Tensor", "Tensor", "Number", "Number", "Tuple")
-def _write_tensor(vector, param, start, end, shape):
-    # ops.slice, not vector[start:end]: on CPU the StridedSlice kernel that indexing compiles to
-    # costs time in proportion to the whole vector (7.4 ms a call on a 5.7M-value segment, 80%
-    # of the apply step, MindSpore's profiler), Slice in proportion to the piece
-    return param.copy_(ops.slice(vector, (start,), (end - start,)).reshape(shape))
+@_copy.register("Tensor", "Tensor")
+def _copy_into(param, value):
+    # copy_ (InplaceCopy), not ops.assign: bench/flat_writeback.py
+    return param.copy_(value)
 
 
 class Segment(NamedTuple):
@@ -62,7 +51,7 @@ class FlatLayout(nn.Cell):
 
     def __init__(self, groups):
         super().__init__(auto_prefix=False)
-        params, segments = [], []
+        params, segments, classes = [], [], []
         for gi, group in enumerate(groups):
             runs = []
             for p in group.params:
@@ -70,28 +59,31 @@ class FlatLayout(nn.Cell):
                     runs.append([])
                 runs[-1].append(p)
             for k, run in enumerate(runs):
-                size = sum(int(np.prod(p.shape)) for p in run)
+                by_shape = {}
+                for p in run:
+                    by_shape.setdefault(tuple(p.shape), []).append(p)
+                start, offset, segment_classes = len(params), 0, []
+                for shape, members in by_shape.items():
+                    n = int(np.prod(shape))
+                    # first, stop in params; offset, length in the vector; the shape
+                    segment_classes.append((len(params), len(params) + len(members), offset,
+                                            n * len(members), shape))
+                    params.extend(members)
+                    offset += n * len(members)
                 name = f"group{gi}" if len(runs) == 1 else f"group{gi}.{k}"
-                segments.append(Segment(name, gi, run[0].dtype, len(params), len(params) + len(run),
-                                        size))
-                params.extend(run)
+                segments.append(Segment(name, gi, run[0].dtype, start, len(params), offset))
+                classes.append(tuple(segment_classes))
         if not params:
             raise ValueError("the optimizer got no parameters")
         self.params = ParameterTuple(params)
         self.segments = tuple(segments)
         # plain tuples of ints: graph mode unrolls the loops over them as constants
-        self.bounds = tuple((s.start, s.stop) for s in segments)
+        self.classes = tuple(classes)
         self.dtypes = tuple(s.dtype for s in segments)
         self.shapes = tuple(tuple(p.shape) for p in params)
-        offsets = []
-        for s in segments:
-            offset = 0
-            for p in params[s.start:s.stop]:
-                offsets.append(offset)
-                offset += int(np.prod(p.shape))
-        self.offsets = tuple(offsets)
-        self.ends = tuple(o + int(np.prod(s)) for o, s in zip(offsets, self.shapes))
         self.concat = ops.Concat(0)
+        self.stack = ops.Stack(0)
+        self.unstack = ops.Unstack(0)
         self.hyper_map = ops.HyperMap()
 
     def zeros(self, prefix):
@@ -109,10 +101,13 @@ class FlatLayout(nn.Cell):
     def flatten(self, tensors):
         """A tuple of per-parameter tensors (in `params` order) -> one float32 vector per segment."""
         out = ()
-        for k in range(len(self.bounds)):
-            start, stop = self.bounds[k]
+        for k in range(len(self.classes)):
+            parts = ()
+            for c in range(len(self.classes[k])):
+                first, stop = self.classes[k][c][0], self.classes[k][c][1]
+                parts = parts + (self.stack(tensors[first:stop]).reshape(-1),)
             # one cast per segment (full_fp16 parameters), not one per tensor
-            out = out + (ops.cast(self.concat(self.hyper_map(_flat, tensors[start:stop])), F32),)
+            out = out + (ops.cast(self.concat(parts), F32),)
         return out
 
     def read(self):
@@ -120,11 +115,14 @@ class FlatLayout(nn.Cell):
 
     def write(self, vectors):
         """Copy each segment's float32 vector into its parameters (cast to their dtype first)."""
-        for k in range(len(self.bounds)):
-            start, stop = self.bounds[k]
-            self.hyper_map(ops.partial(_write, ops.cast(vectors[k], self.dtypes[k])),
-                           self.params[start:stop], self.offsets[start:stop],
-                           self.ends[start:stop], self.shapes[start:stop])
+        for k in range(len(self.classes)):
+            vector = ops.cast(vectors[k], self.dtypes[k])
+            for c in range(len(self.classes[k])):
+                first, stop, offset, length, shape = self.classes[k][c]
+                # ops.slice, not vector[a:b]: on CPU that StridedSlice took time in proportion
+                # to the whole vector (7.4 ms a call on 5.7 M values; MindSpore's profiler)
+                block = ops.slice(vector, (offset,), (length,)).reshape((stop - first,) + shape)
+                self.hyper_map(_copy, self.params[first:stop], self.unstack(block))
         return vectors
 
     def description(self):

@@ -12,7 +12,8 @@ from mindspore import nn, ops, Parameter, Tensor
 F32 = ms.float32
 
 
-def _scaled(grads, factor):
+def scale_all(grads, factor):
+    """Every gradient times `factor` (a scalar), in its own dtype."""
     out = ()
     for grad in grads:
         out = out + ((grad.astype(F32) * factor).astype(grad.dtype),)
@@ -34,7 +35,7 @@ def clip_to_norm(grads, norm, max_norm):
     """torch.nn.utils.clip_grad_norm_ (L2) given the global norm: scale all grads by
     min(1, max_norm / (norm + 1e-6)). kohya clips every trainable parameter of the network
     together, with --max_grad_norm (default 1.0; 0 turns it off: pass inf)."""
-    return _scaled(grads, ops.minimum(max_norm / (norm + 1e-6), 1.0))
+    return scale_all(grads, ops.minimum(max_norm / (norm + 1e-6), 1.0))
 
 
 class DynamicLossScaler(nn.Cell):
@@ -61,9 +62,6 @@ class DynamicLossScaler(nn.Cell):
 
     def scale_loss(self, loss):
         return loss * self.scale.astype(loss.dtype)
-
-    def unscale(self, grads):
-        return _scaled(grads, 1.0 / self.scale)
 
     def update(self, finite):
         """Adjust the scale after a step; returns `finite` (the update was applied iff True)."""

@@ -49,7 +49,8 @@ logger = logging.getLogger(__name__)
 def state_parameters(trainable, apply_step):
     """(network params, optimizer-side params), each name -> Parameter, as saved and restored."""
     network = {p.name: p for p in trainable}
-    skip = set(network) | {p.name for p in apply_step.grad_buffers}
+    skip = set(network) | {p.name for p in apply_step.grad_buffers} | \
+        apply_step.optimizer.scratch_names
     optimizer = {p.name: p for p in apply_step.get_parameters() if p.name not in skip}
     return network, optimizer
 

@@ -34,7 +34,7 @@ import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from library.conditioning import encode_ids, vector_condition
-from library.training.grads import clip_to_norm, global_norm
+from library.training.grads import clip_to_norm, global_norm, scale_all
 
 
 class StepLayout(NamedTuple):
@@ -177,29 +177,27 @@ class ApplyStep(nn.Cell):
         self.max_grad_norm = float(max_grad_norm) if max_grad_norm else float("inf")
 
     def construct(self, lrs, accumulation):
-        grads = ()
-        for buffer in self.grad_buffers:
-            grads = grads + (buffer / accumulation,)
+        # the mean over the micro-steps and, with fp16, the unscaling: one pass over the buffers
+        factor = 1 / accumulation
+        if self.scaled:
+            factor = factor / self.loss_scaler.scale
+        grads = scale_all(self.grad_buffers, factor)
         if self.grad_mean is not None:
             grads = self.grad_mean(grads)
-        if self.scaled:
-            return self._scaled_update(grads, lrs)
         norm = global_norm(grads)
-        self.optimizer(clip_to_norm(grads, norm, self.max_grad_norm), lrs)
-        self._zero_buffers()
-        return norm
-
-    def _scaled_update(self, grads, lrs):
-        """torch GradScaler's order under accelerate: unscale, check, clip, step unless inf/NaN,
-        update the scale. A skipped step leaves weights and optimizer state (its step count
-        too) as they were; the returned norm is then not finite."""
-        grads = self.loss_scaler.unscale(grads)
-        norm = global_norm(grads)
-        finite = ops.isfinite(norm)
         grads = clip_to_norm(grads, norm, self.max_grad_norm)
-        if finite:
+        if self.scaled:
+            # torch GradScaler's order under accelerate: unscale (done with the mean above),
+            # check (from the norm), clip, step unless inf/NaN, update the scale. A skipped step
+            # leaves weights and optimizer state (its step count too) as they were; the returned
+            # norm is then not finite. Inline: as a method returning nothing, this branch
+            # compiled to a Python-fallback node that MindIR (the compile cache) cannot export.
+            finite = ops.isfinite(norm)
+            if finite:
+                self.optimizer(grads, lrs)
+            self.loss_scaler.update(finite)
+        else:
             self.optimizer(grads, lrs)
-        self.loss_scaler.update(finite)
         self._zero_buffers()
         return norm
 

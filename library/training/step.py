@@ -31,7 +31,7 @@ graph never depends on the noise options' random state.
 from typing import NamedTuple
 
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import nn, ops, Tensor
 
 from library.conditioning import encode_ids, vector_condition
 from library.training.grads import clip_to_norm, global_norm, scale_all

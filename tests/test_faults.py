@@ -123,7 +123,8 @@ def test_the_run_warns_at_start_up_from_its_own_tensors(tmp_path, monkeypatch, c
     from library.training import saving
     lora = [SimpleNamespace(name="down", size=512, itemsize=4)]
     moments = SimpleNamespace(name="moments", size=1024, itemsize=4)
-    apply_step = SimpleNamespace(grad_buffers=[], get_parameters=lambda: [*lora, moments])
+    apply_step = SimpleNamespace(grad_buffers=[], get_parameters=lambda: [*lora, moments],
+                                 optimizer=SimpleNamespace(scratch_names=set()))
     args = _save_args(save_every_n_steps=25, save_state=True, output_dir=str(tmp_path),
                       sample_at_first=True, sample_every_n_steps=50, sample_every_n_epochs=None)
     prompts = [SimpleNamespace(width=64, height=32)] * 2
@@ -373,7 +374,8 @@ def test_temp_names_carry_the_writer_pid(tmp_path, monkeypatch):
                                                      real_replace(a, b)))
     io.write_atomically(tmp_path / "x.bin", [b"x"])
     fake = SimpleNamespace(grad_buffers=[], get_parameters=lambda: [],
-                           optimizer=SimpleNamespace(layout=SimpleNamespace(description=dict)))
+                           optimizer=SimpleNamespace(layout=SimpleNamespace(description=dict),
+                                                     scratch_names=set()))
     state.save_state(str(tmp_path / "s-state"), [], fake, {"current_step": 1})
     assert seen[0].startswith(f".tmp-{os.getpid()}-") and seen[0].endswith("x.bin")
     assert f".tmp-{os.getpid()}-s-state" in seen

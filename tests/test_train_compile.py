@@ -8,13 +8,14 @@ import random
 import numpy as np
 import pytest
 from mindspore import nn, ops, Parameter, Tensor
-from mindspore.common import api as ms_api
 
 from library.data.bucket_cap import batch_shape_count, cap_buckets
 from library.data.dataset import build_dataset_groups, load_sample
 from library.errors import UserError
-from library.training.compile import StepGraph, batch_shapes, uses_dynamic_shapes
+from library.training.compile import StepGraph, batch_shapes, jit_api, uses_dynamic_shapes
 from test_data_dataset import dataset_config, make_images, subset
+
+ms_api = jit_api()    # ms_compile_cache: every graph ms.jit has compiled in this process
 
 
 class Accumulate(nn.Cell):

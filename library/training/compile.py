@@ -22,7 +22,8 @@ the public `Cell.compile` belongs to graph mode's cell executor, whose graphs `m
 reuse. So `compile` drives the executor `ms.jit` itself uses (`mindspore.common.api._JitExecutor`,
 a private API) with the same JitConfig: the graph lands in the same in-process cache, keyed by
 the Cell and the input signature, and the first real call runs it without compiling again
-(tests/test_train_compile.py pins this).
+(tests/test_train_compile.py pins this). `_JitExecutor`'s signature and the JitConfig `ms.jit`
+builds are the same in 2.7.1 and 2.10.0; only the module moved (`jit_api`).
 """
 
 import contextlib
@@ -36,9 +37,23 @@ logger = logging.getLogger("sdxl_train_network")
 JIT_LEVEL = "O0"
 
 
+def jit_api():
+    """The module of MindSpore's jit internals (`_JitExecutor`, `ms_compile_cache`).
+
+    MindSpore 2.9 moved `mindspore.common.api` to `mindspore.graph.api`; the old name still
+    imports (a copy of the new module's names) but logs a deprecation warning on import and is
+    to be removed, so take the new one where it exists (2.10.0) and the old one before (2.7.1)."""
+    try:
+        from mindspore.graph import api
+    except ImportError:
+        from mindspore.common import api
+    return api
+
+
 def _jit_config(jit_level):
-    """The JitConfig `ms.jit(fn, jit_level=jit_level)` builds (mindspore/common/api.py, 2.7.1)."""
-    from mindspore.common.jit_config import JitConfig
+    """The JitConfig `ms.jit(fn, jit_level=jit_level)` builds (`jit` in mindspore/common/api.py
+    in 2.7.1, mindspore/graph/api.py in 2.10.0: the same values in both)."""
+    from mindspore import JitConfig
     return JitConfig(jit_level=jit_level, exc_mode="auto", jit_syntax_level="LAX",
                      infer_boost="off", backend="", options="{}")
 
@@ -63,7 +78,7 @@ class StepGraph:
         Returns the seconds it took."""
         from mindspore._c_expression.amp import get_curr_amp_strategy
         from mindspore.common._utils import get_func
-        from mindspore.common.api import _JitExecutor
+        _JitExecutor = jit_api()._JitExecutor
         fn = self.cell.construct.__func__
         # what ms.jit's wrapper sets before its first compile, so both compile the same graph
         if not hasattr(fn, "amp_strategy"):

@@ -23,8 +23,9 @@ _NODE = re.compile(rb"((?:Default|Gradients)[\w./-]*?/([A-Za-z][A-Za-z0-9_]*)-op
 
 def graph_op_counts(cell, *inputs):
     """Operator name -> node count of `cell.construct` compiled for these inputs."""
-    from mindspore.common.api import _JitExecutor
-    from mindspore.common.jit_config import JitConfig
+    from mindspore import JitConfig
+    from library.training.compile import jit_api
+    _JitExecutor = jit_api()._JitExecutor
     fn = cell.construct.__func__
     executor = _JitExecutor(fn, time.time_ns(), None, cell, JitConfig())
     phase = executor.compile(fn.__name__, *inputs)

@@ -16,7 +16,6 @@ from library.errors import exit_on_user_error
 
 
 def main(argv=None):
-    from library import device
     under_msrun = bool(os.environ.get("MS_ROLE"))
     failures = contextlib.nullcontext()
     if under_msrun:
@@ -34,6 +33,7 @@ def main(argv=None):
             print(f"wrote {write_config_file(parser, args)}")
             return
         if not under_msrun:
+            from library import device   # imports MindSpore: not before the options are read
             device.configure()
         from library.training.interrupts import Interrupted
         from library.training.loop import prepare, train

@@ -93,14 +93,16 @@ def quick_gelu(x):
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
 
 
-_resize_nearest = ops.ResizeNearestNeighborV2()
-
-
 def upsample_nearest_2x(x):
-    """Nearest 2x upsampling of (B, C, H, W). The output size is computed in the graph
-    (`dyn_shape`), so one compiled graph serves every H, W: `ops.interpolate` checks its size
-    argument in Python, which a graph with dynamic H, W cannot run."""
-    return _resize_nearest(x, ops.dyn_shape(x)[2:].astype(ms.int32) * 2)
+    """Nearest 2x upsampling of (B, C, H, W): each value stacked twice along W, then along H.
+
+    Written with stack and reshape, whose output shapes MindSpore infers at compile time: a
+    static graph stays static after an upsample (a resize to a size computed in the graph, as
+    before, left every later kernel of the decoder with unknown H, W, re-inferred at each launch),
+    and a graph with dynamic H, W still works (the shape arithmetic runs in the graph)."""
+    b, c, h, w = x.shape
+    x = ops.stack([x, x], axis=-1).reshape(b, c, h, w * 2)
+    return ops.stack([x, x], axis=3).reshape(b, c, h * 2, w * 2)
 
 
 def causal_mask(length):
@@ -134,9 +136,10 @@ class _HeadAttention(nn.Cell):
     Both directions are batched matmuls with transpose flags (no transposed copy of k, of the
     L x L probabilities or of their gradient), and the softmax backward's row sum is taken over
     the head dimension instead of the L x L matrix: sum_j P_ij dP_ij = dO_i . O_i (the identity
-    flash attention's backward uses). What autodiff built from `matmul` + `softmax` instead: two
-    L x L transposes per matmul gradient and a ReduceSum, a Sub and two Muls over L x L, the
-    most expensive kernels of the CPU grad step (docs/training.md, "The grad step, per op").
+    flash attention's backward uses), subtracted inside the matmul that makes dP. What autodiff
+    built from `matmul` + `softmax` instead: two L x L transposes per matmul gradient and a
+    ReduceSum, a Sub and two Muls over L x L, the most expensive kernels of the CPU grad step
+    (docs/training.md, "The grad step, per op").
     """
 
     def __init__(self):
@@ -157,9 +160,12 @@ class _HeadAttention(nn.Cell):
     def bprop(self, q, k, v, out, dout):
         o, probs = out
         do = dout[0]
-        dprobs = self.bmm_nt(do, v)
+        # dP - delta in one batched matmul: [dO, -delta] @ [V, 1]^T (one more column each),
+        # instead of dO @ V^T followed by a broadcast subtraction over L x L
         delta = (do * o).sum(-1, keepdims=True)
-        dscores = probs * (dprobs - delta)
+        ones = ops.ones_like(v[..., :1])
+        dprobs = self.bmm_nt(ops.cat([do, -delta], -1), ops.cat([v, ones], -1))
+        dscores = probs * dprobs
         return self.bmm(dscores, k), self.bmm_tn(dscores, q), self.bmm_tn(probs, do)
 
 

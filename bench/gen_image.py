@@ -8,8 +8,8 @@ topology -- levels, depths, heads of 64/4 channels -- at a quarter of its width,
 with the guided UNet step compiled (ms.jit) and in PyNative; euler, CFG 7.5 (batched 2B), batch 1.
 s/image excludes compile time (one warm-up image first). Then diffusers' StableDiffusionXLPipeline
 (PyTorch, CPU) on the same tiny weights written as a diffusers folder, with EulerDiscreteScheduler,
-for the ratio. PyTorch runs with --torch-threads (default 1), MindSpore with --ms-threads (0: its default;
-see bench/_bench_venv.py). The PyTorch side
+for the ratio. PyTorch runs with --torch-threads (default 1), MindSpore with --ms-threads (0: its
+default; see bench/_bench_venv.py). The PyTorch side
 runs in its own venv: --torch-python, or .venv-bench (created on first use with pinned torch,
 diffusers and transformers, see bench/_bench_venv.py; git-ignored).
 """
@@ -133,7 +133,8 @@ def main():
 
     ref = torch_row.get("per_image") if torch_row and "per_image" in torch_row else None
     print(f"\nSDXL generation, {args.size}x{args.size}, {args.steps} euler steps, CFG 7.5, batch 1, "
-          f"CPU ({os.cpu_count()} cores), PyTorch {args.torch_threads} thread(s), MindSpore {args.ms_threads or 'default'} kernel threads, load "
+          f"CPU ({os.cpu_count()} cores), PyTorch {args.torch_threads} thread(s), MindSpore "
+          f"{args.ms_threads or 'default'} kernel threads, load "
           f"average {os.getloadavg()[0]:.1f} at the end\n")
     print("| preset | backend | compile (s) | s/image | ms per UNet step (2B) | vs diffusers |")
     print("|---|---|---|---|---|---|")

@@ -6,7 +6,8 @@
 The MindSpore side builds the same run as bench/train_step.py (the trainer's own arguments,
 `prepare` -> `build_training`), compiles the grad step (static shapes, or the trainer's
 dynamic-shape signature with --dynamic), runs one warm-up step, then --steps steps under
-mindspore.Profiler (CPU op timing) and prints the operator types by total time per step.
+mindspore.Profiler (CPU op timing) and prints the operator types by total time per step, then the
+kernels grouped by type, input shapes and forward/backward.
 The PyTorch side is bench/train_step.py's eager step under torch.profiler (self CPU time per
 op). Both tables are per step; the sums are the time the kernels account for.
 """
@@ -27,15 +28,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.environ.get("BENCH_LIBRARY", ROOT))
 
 
-def _op_table(folder):
-    """{op type: (total us, calls)} from the profiler's CPU op csv files."""
-    totals = collections.defaultdict(lambda: [0.0, 0])
-    files = glob.glob(os.path.join(folder, "**", "*cpu_op*.csv"), recursive=True) + \
-        glob.glob(os.path.join(folder, "**", "op_statistic*.csv"), recursive=True)
-    return files, totals
-
-
 def run_ms(preset, latent, steps, dynamic, top, outdir):
+    """Build, compile, warm up, then profile `steps` grad steps into `outdir`."""
     import mindspore as ms
     from library import device
     from library.training.loop import _to_tensors
@@ -74,13 +68,46 @@ def run_ms(preset, latent, steps, dynamic, top, outdir):
 
 
 def summarize_ms(outdir, steps, top):
-    """Sum the framework op records the CPU profiler wrote, by op type."""
-    rows = collections.defaultdict(lambda: [0.0, 0])
-    found = []
-    for path in glob.glob(os.path.join(outdir, "**", "*"), recursive=True):
-        if os.path.isfile(path):
-            found.append(path)
-    return found
+    """Print the profiled steps' kernels by type, then by (type, input shapes, forward/backward).
+
+    The CPU profiler writes each kernel launch's start and duration per kernel name
+    (cpu_op_execute_timestamp) and, in launch order, its input shapes (cpu_framework): sorted by
+    start time the two line up one to one."""
+    folder = glob.glob(os.path.join(outdir, "*", "FRAMEWORK"))[0]
+    launches = []
+    with open(os.path.join(folder, "cpu_op_execute_timestamp_0.txt")) as f:
+        for line in f:
+            name, _, rest = line.strip().split(";", 2)
+            for item in rest.split():
+                start, dur, _ = item.split(",")
+                launches.append((int(start), name, float(dur)))
+    launches.sort()
+    with open(os.path.join(folder, "cpu_framework_0.txt")) as f:
+        shapes = [line.strip().split(";") for line in f]
+    by_type = collections.defaultdict(lambda: [0.0, 0])
+    by_shape = collections.defaultdict(lambda: [0.0, 0])
+    for (_, name, dur), info in zip(launches, shapes):
+        kind = name.split("/")[-1].rsplit("-op", 1)[0]
+        by_type[kind][0] += dur
+        by_type[kind][1] += 1
+        if info[0] != kind:
+            continue
+        inputs = " ".join(x.split(":", 1)[1] for x in info[3:]
+                          if x and "NoShape" not in x and "Tuple" not in x)
+        side = "bwd" if name.startswith("Gradients") or "Expand/_" in name else "fwd"
+        by_shape[(kind, side, inputs)][0] += dur
+        by_shape[(kind, side, inputs)][1] += 1
+    total = sum(t for t, _ in by_type.values())
+    print(f"\nMindSpore kernels: {total / steps:.0f} ms/step, "
+          f"{sum(n for _, n in by_type.values()) // steps} launches/step")
+    print("| op | ms/step | calls/step | share |")
+    print("|---|---|---|---|")
+    for kind, (t, n) in sorted(by_type.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"| {kind} | {t / steps:.1f} | {n // steps} | {t / total:.1%} |")
+    print("\n| op | side | input shapes | ms/step | calls/step |")
+    print("|---|---|---|---|---|")
+    for (kind, side, inputs), (t, n) in sorted(by_shape.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"| {kind} | {side} | {inputs} | {t / steps:.1f} | {n // steps} |")
 
 
 TORCH_CASE = r'''
@@ -168,13 +195,15 @@ def main():
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--dynamic", action="store_true")
     p.add_argument("--side", default="both")
-    p.add_argument("--outdir", default=None)
+    p.add_argument("--outdir", default=None, help="the MindSpore profiler's folder (default: a temp dir)")
+    p.add_argument("--summarize", default=None, help="only summarize this profiler folder")
     args = p.parse_args()
+    if args.summarize:
+        return summarize_ms(args.summarize, args.steps, args.top)
     if args.side in ("ms", "both"):
         outdir = args.outdir or tempfile.mkdtemp(prefix="ms_prof_")
         run_ms(args.preset, args.latent, args.steps, args.dynamic, args.top, outdir)
-        for f in summarize_ms(outdir, args.steps, args.top):
-            print(f)
+        summarize_ms(outdir, args.steps, args.top)
     if args.side in ("torch", "both"):
         run_torch(args.preset, args.latent, args.steps, args.top)
 

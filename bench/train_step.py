@@ -391,7 +391,9 @@ def _measure(args, tmp):
           f"max_grad_norm 1, float32, batch 1), CPU ({os.cpu_count()} cores); s/step: median and "
           f"fastest of {args.steps} steps ({args.pynative_steps} in PyNative) after one warm-up "
           f"step; compile: warm-up step minus the median step; PyTorch/graph: ratio of the "
-          f"fastest steps; PyTorch {args.torch_threads} thread(s), MindSpore {args.ms_threads or 'default'} kernel threads. Load average (1 min) {load_before:.1f} at the start, "
+          f"fastest steps; PyTorch {args.torch_threads} thread(s), MindSpore "
+          f"{args.ms_threads or 'default'} kernel threads. Load average (1 min) "
+          f"{load_before:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end\n")
     print("| preset | latent | backend | compile (s) | s/step median (fastest) | grad / apply (s) "
           "| peak RSS (GiB) | LoRA tensors | PyTorch / graph |")

@@ -8,8 +8,10 @@ topology -- levels, depths, heads of 64/4 channels -- at a quarter of its width,
 with the guided UNet step compiled (ms.jit) and in PyNative; euler, CFG 7.5 (batched 2B), batch 1.
 s/image excludes compile time (one warm-up image first). Then diffusers' StableDiffusionXLPipeline
 (PyTorch, CPU) on the same tiny weights written as a diffusers folder, with EulerDiscreteScheduler,
-for the ratio. The PyTorch side runs in its own venv: --torch-python, or .venv-bench (created on
-first use with pinned torch, diffusers and transformers, see bench/_bench_venv.py; git-ignored).
+for the ratio. PyTorch runs with --torch-threads (default 1), MindSpore with --ms-threads (0: its
+default; see bench/_bench_venv.py). The PyTorch side
+runs in its own venv: --torch-python, or .venv-bench (created on first use with pinned torch,
+diffusers and transformers, see bench/_bench_venv.py; git-ignored).
 """
 
 import argparse
@@ -23,7 +25,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _bench_venv import bench_python  # noqa: E402
+from _bench_venv import bench_python, set_mindspore_threads, thread_env  # noqa: E402
+
+THREADS = (1, 0)      # (--torch-threads, --ms-threads) of every case
 
 PROMPT = "a red circle and a blue square on a white background"
 
@@ -38,6 +42,7 @@ def _models(preset, ckpt):
 
 def run_case(preset, mode, size, steps, images, ckpt):
     sys.path.insert(0, ROOT)
+    set_mindspore_threads()
     from library.generation.pipeline import GenerationOptions, ImageRequest, Pipeline
     models = _models(preset, ckpt)
     pipe = Pipeline(models, GenerationOptions(compile=mode == "graph"))
@@ -57,7 +62,7 @@ TORCH_CASE = r"""
 import json, sys, time, torch
 from diffusers import StableDiffusionXLPipeline, EulerDiscreteScheduler
 folder, size, steps, images = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-torch.set_num_threads(max(1, torch.get_num_threads()))
+torch.set_num_threads(int(sys.argv[5]))
 pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=torch.float32)
 pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
 pipe.set_progress_bar_config(disable=True)
@@ -72,7 +77,8 @@ print(json.dumps(dict(per_image=(time.perf_counter() - start) / images, torch=to
 
 
 def _child(args):
-    proc = subprocess.run(args, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    proc = subprocess.run(args, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=ROOT, **thread_env(*THREADS)))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
@@ -88,11 +94,17 @@ def main():
     p.add_argument("--modes", default="graph,pynative")
     p.add_argument("--torch-python", default=None)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="PyTorch's threads (default 1; see bench/_bench_venv.py)")
+    p.add_argument("--ms-threads", type=int, default=0,
+                   help="MindSpore's CPU kernel threads (default 0: MindSpore's default)")
     p.add_argument("--case", nargs=3, help=argparse.SUPPRESS)   # internal: preset mode ckpt
     args = p.parse_args()
     if args.case:
         return run_case(args.case[0], args.case[1], args.size, args.steps, args.images, args.case[2])
 
+    global THREADS
+    THREADS = (args.torch_threads, args.ms_threads)
     tmp = tempfile.mkdtemp(prefix="gen_bench_")
     ckpt = os.path.join(tmp, "tiny.safetensors")
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tiny_sdxl.py"), "--out", ckpt,
@@ -115,12 +127,15 @@ def main():
         with open(script, "w") as f:
             f.write(TORCH_CASE)
         python = args.torch_python or bench_python()
-        torch_row = _child([python, script, folder, str(args.size), str(args.steps), str(args.images)])
+        torch_row = _child([python, script, folder, str(args.size), str(args.steps), str(args.images),
+                            str(args.torch_threads)])
         rows.append(("tiny", f"diffusers (PyTorch {torch_row.get('torch', '?')}) CPU", torch_row))
 
     ref = torch_row.get("per_image") if torch_row and "per_image" in torch_row else None
     print(f"\nSDXL generation, {args.size}x{args.size}, {args.steps} euler steps, CFG 7.5, batch 1, "
-          f"CPU ({os.cpu_count()} cores)\n")
+          f"CPU ({os.cpu_count()} cores), PyTorch {args.torch_threads} thread(s), MindSpore "
+          f"{args.ms_threads or 'default'} kernel threads, load "
+          f"average {os.getloadavg()[0]:.1f} at the end\n")
     print("| preset | backend | compile (s) | s/image | ms per UNet step (2B) | vs diffusers |")
     print("|---|---|---|---|---|---|")
     for preset, backend, r in rows:

@@ -4,6 +4,7 @@
                                [--medium-latent 32] [--presets tiny,medium]
                                [--modes graph,pynative] [--torch-python PATH | --no-torch]
                                [--no-synthetic] [--apply-only] [--library TREE]
+                               [--torch-threads 1] [--ms-threads 0]
 
 Each case runs in its own process and reports its peak RSS. The MindSpore cases build the real
 run in-process: a one-image synthetic dataset is drawn, parsed with the trainer's own arguments
@@ -21,6 +22,8 @@ built from the same config (library.models.diffusers_config), a hand-written LoR
 8, alpha 1, on every Linear inside the Transformer2DModel blocks, the same targets), MSE on the
 noise, clip_grad_norm_(1.0), torch.optim.AdamW. It runs in .venv-bench (created on first use with
 torch==2.13.0, diffusers==0.35.2, transformers==4.57.1; git-ignored), or --torch-python.
+PyTorch runs with --torch-threads threads (default 1), MindSpore with --ms-threads (default 0,
+its own default); why: bench/_bench_venv.py.
 
 A second table (alone with --apply-only) is the apply step by itself, each case in its own
 process: compile time, median and fastest call, and the operator count of its compiled graph
@@ -48,7 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # the tree whose library is measured: this one, or --library's (passed to the case processes)
 sys.path.insert(0, os.environ.get("BENCH_LIBRARY", ROOT))
 
-from _bench_venv import bench_python  # noqa: E402
+from _bench_venv import bench_python, set_mindspore_threads, thread_env  # noqa: E402
 
 RANK = 8
 CAPTION = "a red circle on a white background"
@@ -102,6 +105,7 @@ def run_case(preset, mode, latent, steps, ckpt):
     from library import device
     from library.training.loop import _to_tensors
     device.configure()
+    set_mindspore_threads()
     with tempfile.TemporaryDirectory(prefix="train_bench_") as workdir:
         t = build_run(preset, latent, ckpt, workdir, steps)
         batch = next(iter(t.loader.epoch(1)))
@@ -184,6 +188,7 @@ def run_apply_case(preset, latent, steps, ckpt):
     import numpy as np
     from library import device
     device.configure()
+    set_mindspore_threads()
     if preset == "synthetic":
         apply_step, buffers, trainable = _synthetic_apply_step()
         lrs = ms.Tensor(np.full(3, 1e-4, np.float32))
@@ -225,6 +230,7 @@ from diffusers import UNet2DConditionModel
 
 config, latent, steps, rank = json.load(open(sys.argv[1])), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 torch.manual_seed(0)
+torch.set_num_threads(int(sys.argv[5]))
 unet = UNet2DConditionModel.from_config(config)
 unet.requires_grad_(False)
 unet.train()
@@ -291,10 +297,13 @@ print(json.dumps(dict(
 LIBRARY = ROOT    # the tree whose library the cases measure (--library)
 
 
+THREADS = (1, 0)      # (--torch-threads, --ms-threads) of every case
+
+
 def _child(args, env=None):
     proc = subprocess.run(args, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=LIBRARY, BENCH_LIBRARY=LIBRARY,
-                                   **(env or {})))
+                                   **thread_env(*THREADS), **(env or {})))
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
@@ -316,6 +325,10 @@ def main():
                    help="skip the apply step on a full-size SDXL LoRA's 2,104 tensors")
     p.add_argument("--apply-only", action="store_true",
                    help="only the apply-step table (no grad step, PyNative or PyTorch rows)")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="PyTorch's threads (default 1; see bench/_bench_venv.py)")
+    p.add_argument("--ms-threads", type=int, default=0,
+                   help="MindSpore's CPU kernel threads (default 0: MindSpore's default)")
     p.add_argument("--library", default=ROOT,
                    help="the source tree to measure (e.g. a checkout of an older commit)")
     p.add_argument("--case", nargs=5, help=argparse.SUPPRESS)  # internal: preset mode latent steps ckpt
@@ -336,8 +349,9 @@ def main():
 
 
 def _measure(args, tmp):
-    global LIBRARY
+    global LIBRARY, THREADS
     LIBRARY = os.path.abspath(args.library)
+    THREADS = (args.torch_threads, args.ms_threads)
     ckpt = os.path.join(tmp, "tiny.safetensors")
     subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tiny_sdxl.py"), "--out", ckpt,
                     "--seed", "0"], check=True, capture_output=True)
@@ -365,7 +379,8 @@ def _measure(args, tmp):
             script = os.path.join(tmp, "torch_case.py")
             with open(script, "w") as f:
                 f.write(TORCH_CASE)
-            r = _child([python, script, config, str(latent), str(args.steps), str(RANK)])
+            r = _child([python, script, config, str(latent), str(args.steps), str(RANK),
+                        str(args.torch_threads)])
             rows.append((preset, latent, f"PyTorch {r.get('torch', '')} eager", r))
             print(preset, "torch", r, file=sys.stderr, flush=True)
             graph = ms_rows.get("graph", {})
@@ -376,7 +391,9 @@ def _measure(args, tmp):
           f"max_grad_norm 1, float32, batch 1), CPU ({os.cpu_count()} cores); s/step: median and "
           f"fastest of {args.steps} steps ({args.pynative_steps} in PyNative) after one warm-up "
           f"step; compile: warm-up step minus the median step; PyTorch/graph: ratio of the "
-          f"fastest steps. Load average (1 min) {load_before:.1f} at the start, "
+          f"fastest steps; PyTorch {args.torch_threads} thread(s), MindSpore "
+          f"{args.ms_threads or 'default'} kernel threads. Load average (1 min) "
+          f"{load_before:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end\n")
     print("| preset | latent | backend | compile (s) | s/step median (fastest) | grad / apply (s) "
           "| peak RSS (GiB) | LoRA tensors | PyTorch / graph |")

@@ -93,14 +93,16 @@ def quick_gelu(x):
 ACTIVATIONS = {"gelu": gelu, "quick_gelu": quick_gelu}
 
 
-_resize_nearest = ops.ResizeNearestNeighborV2()
-
-
 def upsample_nearest_2x(x):
-    """Nearest 2x upsampling of (B, C, H, W). The output size is computed in the graph
-    (`dyn_shape`), so one compiled graph serves every H, W: `ops.interpolate` checks its size
-    argument in Python, which a graph with dynamic H, W cannot run."""
-    return _resize_nearest(x, ops.dyn_shape(x)[2:].astype(ms.int32) * 2)
+    """Nearest 2x upsampling of (B, C, H, W): each value stacked twice along W, then along H.
+
+    Written with stack and reshape, whose output shapes MindSpore infers at compile time: a
+    static graph stays static after an upsample (a resize to a size computed in the graph, as
+    before, left every later kernel of the decoder with unknown H, W, re-inferred at each launch),
+    and a graph with dynamic H, W still works (the shape arithmetic runs in the graph)."""
+    b, c, h, w = x.shape
+    x = ops.stack([x, x], axis=-1).reshape(b, c, h, w * 2)
+    return ops.stack([x, x], axis=3).reshape(b, c, h * 2, w * 2)
 
 
 def causal_mask(length):
@@ -127,9 +129,49 @@ def math_attention(q, k, v, heads, mask=None):
     return out.transpose(0, 2, 1, 3).reshape(b, n, c)
 
 
+class _HeadAttention(nn.Cell):
+    """softmax(q k^T) v on (B*heads, L, D) tensors (q already scaled), with its backward written
+    out (`bprop`), returning the probabilities too so the backward reuses them.
+
+    Both directions are batched matmuls with transpose flags (no transposed copy of k, of the
+    L x L probabilities or of their gradient), and the softmax backward's row sum is taken over
+    the head dimension instead of the L x L matrix: sum_j P_ij dP_ij = dO_i . O_i (the identity
+    flash attention's backward uses), subtracted inside the matmul that makes dP. What autodiff
+    built from `matmul` + `softmax` instead: two L x L transposes per matmul gradient and a
+    ReduceSum, a Sub and two Muls over L x L, the most expensive kernels of the CPU grad step
+    (docs/training.md, "The grad step, per op").
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.bmm = ops.BatchMatMul()
+        self.bmm_nt = ops.BatchMatMul(transpose_b=True)
+        self.bmm_tn = ops.BatchMatMul(transpose_a=True)
+        self.softmax = ops.Softmax(-1)
+
+    def construct(self, q, k, v):
+        scores = self.bmm_nt(q, k)
+        if scores.dtype != ms.float32:
+            probs = self.softmax(scores.astype(ms.float32)).astype(v.dtype)
+        else:
+            probs = self.softmax(scores)
+        return self.bmm(probs, v), probs
+
+    def bprop(self, q, k, v, out, dout):
+        o, probs = out
+        do = dout[0]
+        # dP - delta in one batched matmul: [dO, -delta] @ [V, 1]^T (one more column each),
+        # instead of dO @ V^T followed by a broadcast subtraction over L x L
+        delta = (do * o).sum(-1, keepdims=True)
+        ones = ops.ones_like(v[..., :1])
+        dprobs = self.bmm_nt(ops.cat([do, -delta], -1), ops.cat([v, ones], -1))
+        dscores = probs * dprobs
+        return self.bmm(dscores, k), self.bmm_tn(dscores, q), self.bmm_tn(probs, do)
+
+
 class Attention(nn.Cell):
     """Unmasked multi-head attention on (B, L, C) tensors: Ascend's fused flash-attention kernel
-    there (float16/bfloat16 inputs), math attention elsewhere.
+    there (float16/bfloat16 inputs), math attention elsewhere (`_HeadAttention`).
 
     The backend is fixed when the cell is built, so a compiled graph holds one path only and the
     device is never queried inside a graph.
@@ -139,13 +181,22 @@ class Attention(nn.Cell):
         super().__init__()
         self.heads = heads
         self.use_flash = device.is_ascend()
+        self.head_attention = _HeadAttention()
 
     def construct(self, q, k, v):
         if self.use_flash and q.dtype != ms.float32:
             scale = (q.shape[-1] // self.heads) ** -0.5
             return ops.flash_attention_score(q, k, v, self.heads, input_layout="BSH",
                                              scale_value=scale)
-        return math_attention(q, k, v, self.heads)
+        b, n, c = q.shape
+        heads, d = self.heads, c // self.heads
+        # the scale on q (L x C values), not on the L x L scores
+        q = (q * (d ** -0.5)).reshape(b, n, heads, d).transpose(0, 2, 1, 3).reshape(-1, n, d)
+        m = k.shape[1]
+        k = k.reshape(b, m, heads, d).transpose(0, 2, 1, 3).reshape(-1, m, d)
+        v = v.reshape(b, m, heads, d).transpose(0, 2, 1, 3).reshape(-1, m, d)
+        out = self.head_attention(q, k, v)[0]
+        return out.reshape(b, heads, n, d).transpose(0, 2, 1, 3).reshape(b, n, c)
 
 
 def timestep_embedding(t, dim, max_period=10000):

@@ -114,7 +114,9 @@ class LoRAModule(nn.Cell):
                 keep = keep[:, :, None, None]
             lx = lx * keep
             scale = scale / (1.0 - self.rank_dropout)
-        out = self.lora_up(lx) * (self.multiplier.astype(dtype) * scale)
+        # the scale on the rank-r activations, not on the (tokens x out) output: a far
+        # smaller multiply forward and backward
+        out = self.lora_up(lx * (self.multiplier.astype(dtype) * scale))
         if self.training and self.module_dropout is not None:
             out = out * (ops.rand((1,)) >= self.module_dropout).astype(dtype)
         return out

@@ -55,6 +55,7 @@ def main():
                                ("Adafactor", 0.0, []), ("Prodigy", 1.0, [])]:
         params = lora_params(args.modules, args.rank, args.dim, name)
         built = build_optimizer([ParamGroup(params, lr, "unet")], lr, name, opt_args)
+        built.optimizer.layout.compiled_writes = True     # as compile.step_graphs sets it
         update = Update(built.optimizer)
         grads = ms.mutable(tuple(Tensor(rng.normal(size=s.size).astype(np.float32))
                                  for s in built.optimizer.layout.segments))

@@ -112,6 +112,7 @@ def run_case(preset, mode, latent, steps, ckpt):
         t.loader.close()
     inputs = [_to_tensors(t.assembler(batch)[0]) for _ in range(steps + 1)]
     if mode == "graph":
+        t.grad_step.flat.compiled_writes = True     # as compile.step_graphs sets it
         grad_fn, apply_fn = ms.jit(t.grad_step.construct), ms.jit(t.apply_step.construct)
     else:
         grad_fn, apply_fn = t.grad_step, t.apply_step
@@ -202,6 +203,7 @@ def run_apply_case(preset, latent, steps, ckpt):
     for b in buffers:   # before the first compile, so the graph reads these values
         b.set_data(ms.Tensor(rng.standard_normal(b.shape).astype(np.float32) * 1e-3))
     accumulation = ms.Tensor(1.0, ms.float32)
+    apply_step.optimizer.layout.compiled_writes = True     # as compile.step_graphs sets it
     run = ms.jit(apply_step.construct)
 
     def one():

@@ -75,6 +75,7 @@ def run_case(case, tag, compiled=True, steps=None, elementwise=False):
     names = [p.name for p in optimizer.params]
     update = Update(optimizer)
     if compiled:
+        optimizer.layout.compiled_writes = True     # as compile.step_graphs sets it
         update = ms.jit(update.construct)
     for step, expected in enumerate(case["trajectory"][:steps]):
         lrs = Tensor((np.asarray(case["group_lrs"]) * GOLDEN["mult"][step]).astype(np.float32))

@@ -210,6 +210,7 @@ def step_graphs(plan, training, accumulation, log):
     dynamic = uses_dynamic_shapes(args, plan.train_group)
     single = len(batch_shapes(plan.train_group, args.seed)) == 1
     record = CompileRecord(log, dynamic)
+    training.grad_step.flat.compiled_writes = True     # the optimizer's layout (FlatLayout)
     apply_fn = StepGraph(training.apply_step)
     if not dynamic and not single and not args.compile_all_buckets_first:
         return StepGraph(training.grad_step), apply_fn, record

@@ -37,6 +37,14 @@ def _copy_into(param, value):
     return param.copy_(value)
 
 
+_assign = ops.MultitypeFuncGraph("assign")
+
+
+@_assign.register("Tensor", "Tensor")
+def _assign_into(param, value):
+    return ops.assign(param, value)
+
+
 class Segment(NamedTuple):
     name: str       # "group<i>" (".<k>" for a group's k-th run when a group mixes dtypes)
     group: int      # index of its ParamGroup (the position in the `lrs` input)
@@ -51,6 +59,12 @@ class FlatLayout(nn.Cell):
 
     def __init__(self, groups):
         super().__init__(auto_prefix=False)
+        # How `write` copies: assign (default) works op by op and compiled; copy_ is much faster
+        # per tensor compiled (bench/flat_writeback.py), so whoever compiles the optimizer's
+        # step sets this first (compile.step_graphs). Not op by op: there MindSpore 2.10 makes
+        # a slice at offset 0 a view that keeps the whole vector's storage, and its CPU copy_
+        # kernel refuses a source larger than the parameter.
+        self.compiled_writes = False
         params, segments, classes = [], [], []
         for gi, group in enumerate(groups):
             runs = []
@@ -122,7 +136,10 @@ class FlatLayout(nn.Cell):
                 # ops.slice, not vector[a:b]: on CPU that StridedSlice took time in proportion
                 # to the whole vector (7.4 ms a call on 5.7 M values; MindSpore's profiler)
                 block = ops.slice(vector, (offset,), (length,)).reshape((stop - first,) + shape)
-                self.hyper_map(_copy, self.params[first:stop], self.unstack(block))
+                if self.compiled_writes:
+                    self.hyper_map(_copy, self.params[first:stop], self.unstack(block))
+                else:
+                    self.hyper_map(_assign, self.params[first:stop], self.unstack(block))
         return vectors
 
     def description(self):

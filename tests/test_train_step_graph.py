@@ -32,6 +32,7 @@ def apply_step(tensors, optimizer, fp16, tag):
     built = build_optimizer(groups, 1.0, optimizer, [],
                             lr_scheduler="adafactor" if optimizer == "Adafactor" else "constant")
     flat = built.optimizer.layout
+    flat.compiled_writes = True      # as compile.step_graphs sets it
     step = ApplyStep(flat.zeros(f"{tag}.grad"), built.optimizer, max_grad_norm=1.0,
                      loss_scaler=DynamicLossScaler() if fp16 else None)
     return step, Tensor(np.ones(2, np.float32)), Tensor(1.0, ms.float32)

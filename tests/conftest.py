@@ -34,6 +34,14 @@ def start_tool(*args, output, env=None):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def mindspore_runtime():
+    """The MindSpore runtime set up as the CLIs set it (library/device.py), for the tests that
+    run models in this process."""
+    from library import device
+    device.configure()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def compile_cache_home(tmp_path_factory):
     """The trainer's compile cache for this test session (never the user's ~/.cache): the runs
     the tests start, in-process or as a CLI, share it, so a graph one test compiled is loaded

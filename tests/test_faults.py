@@ -237,7 +237,7 @@ def _logged_steps(path):
 
 def test_ctrl_c_saves_an_interrupted_lora_and_a_state_that_resumes_to_the_same_lora(
         tiny_ckpt, one_image, tmp_path):
-    steps = 6
+    steps = 4
     run_tool(*_run_args(tiny_ckpt, one_image, tmp_path / "a", steps, "--max_data_loader_n_workers",
                         "0"))
     reference = _tensors(tmp_path / "a" / "mem.safetensors")

@@ -1,8 +1,8 @@
 # Every target creates .venv and installs what it needs by itself (a fresh clone needs only
 # Python 3.11 and the package registries).
 PYTHON ?= python3.11
-# The MindSpore version: requirements.txt states the supported range; the default is the one
-# the whole suite passes on (2.10.0 measured no slower, but 12 PyNative tests fail there: README,
+# The MindSpore version: requirements.txt states the supported range. The whole suite passes on
+# 2.7.1 and 2.10.0; the default is 2.7.1 because its CPU graph step is 4-15x faster (README,
 # "MindSpore versions"). Another version gets its own venv, e.g.
 # `make test MINDSPORE=2.10.0` builds and uses .venv-ms2.10.0.
 MINDSPORE_DEFAULT := 2.7.1

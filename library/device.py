@@ -4,6 +4,7 @@ MindSpore keeps this in a global context; every other module asks here instead o
 context itself, so that the backend choice lives in one place (see library/layers.py).
 """
 
+import functools
 import os
 
 import mindspore as ms
@@ -23,21 +24,16 @@ def configure(device_target=None, graph_mode=False):
         _set_dispatch_threads()
 
 
+@functools.cache
 def _set_dispatch_threads():
     """Give the CPU runtime MindSpore's documented 5 dispatch (actor) threads, at most one per core.
 
     Left unset, MindSpore sizes the actor pool as 18 % of its kernel threads, so a machine with
     fewer than 11 cores gets a single actor thread; on 2 cores that made a tiny graph step twice as
     slow alone (40 steps: 9.0 s against 4.4 s) and 9x slower when a second trainer shared the
-    cores (45 s against 5 s each). MindSpore allows setting this once per process.
+    cores (45 s against 5 s each). MindSpore allows setting this once per process (the cache).
     """
-    global _dispatch_threads_set
-    if not _dispatch_threads_set:
-        ms.runtime.dispatch_threads_num(5)
-        _dispatch_threads_set = True
-
-
-_dispatch_threads_set = False
+    ms.runtime.dispatch_threads_num(5)
 
 
 def device_target():

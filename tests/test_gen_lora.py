@@ -21,10 +21,12 @@ def _lora_file(tiny_ckpt, path, seed, dim=4, conv_dim=None):
     tes = [models.text_encoder1, models.text_encoder2]
     extra = {"conv_dim": str(conv_dim), "conv_alpha": "1"} if conv_dim else {}
     net = lora.create_network(1.0, dim, 2.0, None, tes, models.unet, **extra)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed)     # both factors: lora_down's own init is unseeded
     for m in net.loras:
-        w = m.lora_up.weight
-        w.set_data(Tensor(rng.normal(0, 0.3, w.shape).astype(np.float32)))
+        down, up = m.lora_down.weight, m.lora_up.weight
+        bound = 1 / np.sqrt(m.fan_in)       # the bound of kohya's kaiming_uniform_(a=sqrt(5))
+        down.set_data(Tensor(rng.uniform(-bound, bound, down.shape).astype(np.float32)))
+        up.set_data(Tensor(rng.normal(0, 0.3, up.shape).astype(np.float32)))
     net.save_weights(str(path))
     return str(path)
 

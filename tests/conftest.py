@@ -25,6 +25,19 @@ def run_tool(*args, check=True, env=None):
     return proc
 
 
+def randomise_lora(network, seed=0, up_std=0.05):
+    """Random lora_up (a fresh one is zero) and a seeded lora_down in place of its unseeded
+    init, so that a test's margins are the same from run to run."""
+    import numpy as np
+    from mindspore import Tensor
+    rng = np.random.default_rng(seed)
+    for m in network.loras:
+        down, up = m.lora_down.weight, m.lora_up.weight
+        bound = 1 / np.sqrt(m.fan_in)       # the bound of kohya's kaiming_uniform_(a=sqrt(5))
+        down.set_data(Tensor(rng.uniform(-bound, bound, down.shape).astype(np.float32)))
+        up.set_data(Tensor(rng.normal(0, up_std, up.shape).astype(np.float32)))
+
+
 def start_tool(*args, output, env=None):
     """Start a project script in the background (for the test to stop it); its stdout and
     stderr go to the file `output` (a pipe nobody reads could fill up and block it)."""

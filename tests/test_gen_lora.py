@@ -6,14 +6,13 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from mindspore import Tensor
 
 from library.errors import UserError
 from library.generation.networks import GenerationNetworks
 from library.generation.pipeline import GenerationOptions, ImageRequest, Pipeline
 from library.models import load_sdxl
 from networks import lora
-from tests.conftest import run_tool
+from tests.conftest import randomise_lora, run_tool
 
 
 def _lora_file(tiny_ckpt, path, seed, dim=4, conv_dim=None):
@@ -21,12 +20,7 @@ def _lora_file(tiny_ckpt, path, seed, dim=4, conv_dim=None):
     tes = [models.text_encoder1, models.text_encoder2]
     extra = {"conv_dim": str(conv_dim), "conv_alpha": "1"} if conv_dim else {}
     net = lora.create_network(1.0, dim, 2.0, None, tes, models.unet, **extra)
-    rng = np.random.default_rng(seed)     # both factors: lora_down's own init is unseeded
-    for m in net.loras:
-        down, up = m.lora_down.weight, m.lora_up.weight
-        bound = 1 / np.sqrt(m.fan_in)       # the bound of kohya's kaiming_uniform_(a=sqrt(5))
-        down.set_data(Tensor(rng.uniform(-bound, bound, down.shape).astype(np.float32)))
-        up.set_data(Tensor(rng.normal(0, 0.3, up.shape).astype(np.float32)))
+    randomise_lora(net, seed, up_std=0.3)
     net.save_weights(str(path))
     return str(path)
 

@@ -9,7 +9,7 @@ import mindspore as ms
 import pytest
 from mindspore import Tensor, nn
 
-from conftest import FIXTURES, ROOT
+from conftest import FIXTURES, ROOT, randomise_lora
 from library.models import load_sdxl
 from library.models.checkpoint import _model_params, save_single_file
 from networks import lora
@@ -17,13 +17,6 @@ from networks import lora
 
 def tes(models):
     return [models.text_encoder1, models.text_encoder2]
-
-
-def randomise_up(network, seed=0, std=0.05):
-    rng = np.random.default_rng(seed)
-    for m in network.loras:
-        w = m.lora_up.weight
-        w.set_data(Tensor(rng.normal(0, std, w.shape).astype(np.float32)))
 
 
 def unet_inputs(models, batch=2, size=8, seed=1):
@@ -48,7 +41,7 @@ def applied(tiny_ckpt):
     models = load_sdxl(tiny_ckpt)
     net = lora.create_network(1.0, 4, 2.0, None, tes(models), models.unet, conv_dim="3",
                               conv_alpha="1.5")
-    randomise_up(net)
+    randomise_lora(net)
     net.apply_to(tes(models), models.unet)
     return models, net
 
@@ -175,7 +168,7 @@ def test_dropouts_only_in_training(tiny_ckpt):
     te = models.text_encoder1
     net = lora.create_network(1.0, 4, 4.0, None, [te, models.text_encoder2], None,
                               neuron_dropout=0.3, rank_dropout="0.5", module_dropout="0.2")
-    randomise_up(net, std=0.2)
+    randomise_lora(net, up_std=0.2)
     net.apply_to([te, models.text_encoder2], None, True, False)
     te.set_train(False)
     a, b = te(ids(1))[0].asnumpy(), te(ids(1))[0].asnumpy()
@@ -193,8 +186,8 @@ def test_second_network_stacks_with_its_own_multiplier(tiny_ckpt):
     models = load_sdxl(tiny_ckpt)
     first = lora.create_network(1.0, 2, None, None, tes(models), None)
     second = lora.create_network(1.0, 2, None, None, tes(models), None)
-    randomise_up(first, 1)
-    randomise_up(second, 2)
+    randomise_lora(first, 1)
+    randomise_lora(second, 2)
     first.apply_to(tes(models), None, True, False)
     second.apply_to(tes(models), None, True, False)
     names = [p.name for p in first.get_trainable_params() + second.get_trainable_params()]

@@ -19,8 +19,22 @@ from mindspore.common.initializer import initializer, HeUniform, Uniform, Normal
 from library import device
 
 
-def Linear(in_features, out_features, bias=True):
-    return nn.Dense(in_features, out_features, has_bias=bias)
+class Linear(nn.Dense):
+    """PyTorch's Linear (nn.Dense's parameters and init) as the one `Dense` primitive, which takes
+    any number of leading axes. nn.Dense reshapes to 2-D and back around a MatMul: three ops and
+    two shape reads per call, and in PyNative each shape read waits for every queued op."""
+
+    def __init__(self, in_features, out_features, bias=True, weight_init=None, dtype=ms.float32):
+        super().__init__(in_features, out_features, weight_init=weight_init, has_bias=bias,
+                         dtype=dtype)
+
+    def construct(self, x):
+        return linear(x, self.weight, self.bias)
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T (+ bias) over x's last axis."""
+    return mint.nn.functional.linear(x, weight, bias)
 
 
 class Conv2d(nn.Conv2d):

@@ -26,6 +26,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 from mindspore.common.initializer import HeUniform, initializer
 
+from library import layers
 from library.errors import UserError
 from library.safetensors_io import SafetensorsFile, write_safetensors
 
@@ -86,10 +87,10 @@ class LoRAModule(nn.Cell):
             fan_in = in_dim * org.kernel_size[0] * org.kernel_size[1]
         else:
             in_dim, out_dim = org.in_channels, org.out_channels
-            self.lora_down = nn.Dense(in_dim, self.lora_dim, has_bias=False, weight_init="zeros",
-                                      dtype=dtype)
-            self.lora_up = nn.Dense(self.lora_dim, out_dim, has_bias=False, weight_init="zeros",
-                                    dtype=dtype)
+            self.lora_down = layers.Linear(in_dim, self.lora_dim, bias=False, weight_init="zeros",
+                                           dtype=dtype)
+            self.lora_up = layers.Linear(self.lora_dim, out_dim, bias=False, weight_init="zeros",
+                                         dtype=dtype)
             fan_in = in_dim
         self.in_dim, self.out_dim, self.fan_in = in_dim, out_dim, fan_in
         # kohya (= Microsoft's LoRA): kaiming_uniform_(down, a=sqrt(5)), zeros_(up).
@@ -142,20 +143,11 @@ class LoRADense(nn.Cell):
         self.in_channels, self.out_channels = org.in_channels, org.out_channels
         self.has_bias = org.has_bias
         self.weight = org.weight
-        if self.has_bias:
-            self.bias = org.bias
-        self.matmul = ops.MatMul(transpose_b=True)
-        self.bias_add = ops.BiasAdd()
+        self.bias = org.bias if self.has_bias else None
         self.lora_branches = nn.CellList()
 
     def construct(self, x):
-        shape = x.shape
-        h = x.reshape(-1, shape[-1]) if len(shape) != 2 else x
-        y = self.matmul(h, self.weight)
-        if self.has_bias:
-            y = self.bias_add(y, self.bias)
-        if len(shape) != 2:
-            y = y.reshape(shape[:-1] + (self.out_channels,))
+        y = layers.linear(x, self.weight, self.bias)
         for branch in self.lora_branches:
             y = y + branch(x).astype(y.dtype)
         return y

@@ -126,7 +126,10 @@ def test_one_graph_for_every_size_and_batch_size(tiny_models):
     assert [o.image.size for o in out] == [(64, 64), (64, 64), (96, 64), (64, 96)]
     _, eager = mixed_run(tiny_models, compile=False)
     for a, b in zip(out, eager):
-        np.testing.assert_allclose(a.latents, b.latents, rtol=1e-4, atol=1e-4)
+        # graph and PyNative sum in different orders; CFG (7.5x) and the sampler's steps grow
+        # that float32 rounding to a few 1e-6 of the latents' scale (about 70 here)
+        np.testing.assert_allclose(a.latents, b.latents, atol=2e-5 * np.abs(b.latents).max())
+        assert np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16)).max() <= 1
 
 
 @pytest.mark.full

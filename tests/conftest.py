@@ -16,6 +16,14 @@ def _tool_env(env):
     return dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
 
 
+# The suite's shared train-step graph: CLI runs that train in graph mode with these options on a
+# one-image 64x64 dataset (batch 1) compile the same grad and apply graphs, so all but the first
+# load them from the session's compile cache (about 4 s instead of 40 or more). Only options that
+# reach no graph (library/training/compile_cache.py, HOST_ONLY_OPTIONS) may differ between them.
+SHARED_GRAPH_ARGS = ("--network_module", "networks.lora", "--resolution", "64", "--network_dim", "8",
+                     "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs")
+
+
 def run_tool(*args, check=True, env=None):
     """Run a project script as a user would; returns the CompletedProcess (text mode)."""
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True,

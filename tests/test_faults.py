@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_tool
+from conftest import ROOT, SHARED_GRAPH_ARGS, run_tool
 from library.errors import UserError
 
 
@@ -198,7 +198,10 @@ def test_a_signal_stops_a_graph_loop_at_its_end_and_a_second_one_at_once(signals
     assert ("interrupted: stopped" in err) == (len(signals) == 1)   # the second: no clean-up
 
 
-# --- faults during real training runs (PyNative, a LoRA on one UNet block: seconds a step) -----
+# --- faults during real training runs ---------------------------------------------------------
+# In graph mode on the suite's shared step graph where the run trains many steps (Ctrl-C),
+# otherwise PyNative with a LoRA on one UNet block (seconds a step, and no compile-cache files
+# to write under a file-size limit).
 
 ONE_BLOCK = "block_dims=" + ",".join("4" if i == 11 else "0" for i in range(23))
 
@@ -223,6 +226,12 @@ def _run_args(ckpt, data, out, steps, *extra):
             "--cache_text_encoder_outputs", "--pynative", *extra]
 
 
+def _graph_run_args(ckpt, data, out, steps, *extra):
+    return ["sdxl_train_network.py", "--pretrained_model_name_or_path", ckpt, *SHARED_GRAPH_ARGS,
+            "--output_dir", out, "--seed", "3", "--train_data_dir", data, "--output_name", "mem",
+            "--max_train_steps", str(steps), "--learning_rate", "3e-3", *extra]
+
+
 def _tensors(path):
     from library.safetensors_io import SafetensorsFile
     f = SafetensorsFile(path)
@@ -237,8 +246,8 @@ def _logged_steps(path):
 
 def test_ctrl_c_saves_an_interrupted_lora_and_a_state_that_resumes_to_the_same_lora(
         tiny_ckpt, one_image, tmp_path):
-    steps = 4
-    run_tool(*_run_args(tiny_ckpt, one_image, tmp_path / "a", steps, "--max_data_loader_n_workers",
+    steps = 40        # about 0.1 s each: the signal comes well before the last
+    run_tool(*_graph_run_args(tiny_ckpt, one_image, tmp_path / "a", steps, "--max_data_loader_n_workers",
                         "0"))
     reference = _tensors(tmp_path / "a" / "mem.safetensors")
 
@@ -246,7 +255,7 @@ def test_ctrl_c_saves_an_interrupted_lora_and_a_state_that_resumes_to_the_same_l
     out = tmp_path / "b"
     log = tmp_path / "b.txt"
     with open(log, "w") as sink:
-        proc = subprocess.Popen([sys.executable, *map(str, _run_args(
+        proc = subprocess.Popen([sys.executable, *map(str, _graph_run_args(
             tiny_ckpt, one_image, out, steps, "--save_state", "--max_data_loader_n_workers", "1"))],
             cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
             env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -276,7 +285,7 @@ def test_ctrl_c_saves_an_interrupted_lora_and_a_state_that_resumes_to_the_same_l
                      tiny_ckpt, "--json")
     assert json.loads(check.stdout)["counts"]["unmatched_keys"] == 0
 
-    run_tool(*_run_args(tiny_ckpt, one_image, out, steps, "--save_state", "--resume", state,
+    run_tool(*_graph_run_args(tiny_ckpt, one_image, out, steps, "--save_state", "--resume", state,
                         "--max_data_loader_n_workers", "0"))
     resumed = _tensors(out / "mem.safetensors")
     assert resumed.keys() == reference.keys()

@@ -149,14 +149,14 @@ def test_a_gui_config_with_mask_images_and_adamw8bit_trains(tiny_ckpt, tmp_path)
     save, loss/epoch_average in TensorBoard; and a loss that differs from the unmasked run's."""
     from library.safetensors_io import SafetensorsFile
     from test_data_masks import mask_dataset, write_toml
-    img, msk = mask_dataset(tmp_path / "data", sizes=((64, 64), (64, 64)))
+    img, msk = mask_dataset(tmp_path / "data", sizes=((64, 64),))     # one step an epoch
     masked_toml = write_toml(tmp_path / "masked.toml", img, msk)
     plain_toml = tmp_path / "plain.toml"
     plain_toml.write_text(masked_toml.read_text().replace(f'conditioning_data_dir = "{msk}"', ""))
     runs = {}
-    # the unmasked run is only there for its first loss: one step
-    for name, dataset, masked, steps in (("masked", masked_toml, "masked_loss = true\n", 2),
-                                         ("plain", plain_toml, "", 1)):
+    # a PyNative step takes 10-20 s here: one step each, which is also the last step's save
+    for name, dataset, masked in (("masked", masked_toml, "masked_loss = true\n"),
+                                  ("plain", plain_toml, "")):
         out = tmp_path / name
         cfg = tmp_path / f"{name}_config.toml"
         cfg.write_text(GUI_CONFIG + masked + f"""
@@ -166,11 +166,11 @@ network_train_unet_only = true
 dataset_config = "{dataset}"
 log_with = "tensorboard"
 logging_dir = "{tmp_path / name / 'logs'}"
-max_train_steps = {steps}
+max_train_steps = 1
 output_dir = "{out}"
 output_name = "gui"
 pretrained_model_name_or_path = "{tiny_ckpt}"
-save_every_n_steps = 2
+save_every_n_steps = 1
 seed = 7
 """)
         proc = run_tool("sdxl_train_network.py", "--config_file", cfg, "--pynative")
@@ -178,7 +178,7 @@ seed = 7
         assert "ignoring epoch, noise_offset_type" in proc.stderr
         assert "--optimizer_type AdamW8bit: running AdamW" in proc.stderr
     out = tmp_path / "masked"
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["gui-step00000002.safetensors",
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["gui-step00000001.safetensors",
                                                                  "gui.safetensors"]
     md = SafetensorsFile(out / "gui.safetensors").metadata
     assert md["ss_optimizer"].startswith("torch.optim.adamw.AdamW(")

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from library.safetensors_io import SafetensorsFile
-from conftest import run_tool, start_tool
+from conftest import SHARED_GRAPH_ARGS, run_tool, start_tool
 
 COLORS = {"red": (210, 40, 40), "blue": (40, 60, 210), "green": (40, 170, 60)}
 
@@ -124,8 +124,8 @@ def test_three_dataset_methods_train_in_graph_mode(tiny_ckpt, three_methods, tmp
 
 @pytest.fixture(scope="module")
 def memorise(tmp_path_factory):
-    """One red circle repeated 10 times per epoch, captioned; with _memorise_args: cached latents
-    and text, UNet-only LoRA, high LR, 40 steps = 4 epochs."""
+    """One red circle repeated 10 times per epoch, captioned; with _memorise_args: the suite's
+    shared step graph (cached latents and text, UNet-only LoRA), high LR, 40 steps = 4 epochs."""
     root = tmp_path_factory.mktemp("memorise")
     (root / "img" / "10_sks").mkdir(parents=True)
     draw(root / "img" / "10_sks" / "a.png", (64, 64), "red")
@@ -133,11 +133,10 @@ def memorise(tmp_path_factory):
 
 
 def _memorise_args(ckpt, data, out):
-    return ["--pretrained_model_name_or_path", ckpt, "--network_module", "networks.lora",
+    return ["--pretrained_model_name_or_path", ckpt, *SHARED_GRAPH_ARGS,
             "--output_dir", out, "--max_data_loader_n_workers", "0", "--seed", "3",
-            "--train_data_dir", data, "--resolution", "64", "--output_name", "mem",
-            "--network_dim", "8", "--max_train_steps", "40", "--learning_rate", "3e-3",
-            "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs",
+            "--train_data_dir", data, "--output_name", "mem",
+            "--max_train_steps", "40", "--learning_rate", "3e-3",
             "--save_every_n_steps", "15", "--save_last_n_steps", "10",
             "--save_every_n_epochs", "1", "--save_last_n_epochs", "2"]
 
@@ -278,9 +277,9 @@ def test_non_finite_loss_stops_with_the_step_and_images(tiny_ckpt, memorise, tmp
     bad = tmp_path / "nan.safetensors"
     write_safetensors(bad, tensors)
     out = tmp_path / "out"
-    proc = train(bad, out, "--train_data_dir", memorise, "--resolution", "64",
-                 "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs",
-                 "--pynative", "--max_train_steps", "3", check=False)
+    proc = run_tool("sdxl_train_network.py", "--pretrained_model_name_or_path", bad,
+                    *SHARED_GRAPH_ARGS, "--output_dir", out, "--train_data_dir", memorise,
+                    "--max_data_loader_n_workers", "0", "--max_train_steps", "3", check=False)
     assert proc.returncode == 2
     message = proc.stderr.strip().splitlines()[-1]
     assert "loss became nan at step 1" in message and "a.png" in message

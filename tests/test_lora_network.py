@@ -207,12 +207,11 @@ GRAPH_SCRIPT = textwrap.dedent("""
     ms.set_context(mode=ms.GRAPH_MODE)
     from library.models import load_sdxl
     from networks import lora
+    from tests.conftest import randomise_lora
     m = load_sdxl(sys.argv[1])
     net = lora.create_network(1.0, 4, 4.0, None, [], m.unet)
+    randomise_lora(net)
     rng = np.random.default_rng(0)
-    for l in net.loras:
-        l.lora_up.weight.set_data(Tensor(rng.normal(0, 0.05, l.lora_up.weight.shape)
-                                         .astype(np.float32)))
     net.apply_to([], m.unet)
     m.unet.set_train(False)
     x = Tensor(rng.normal(size=(1, 4, 8, 8)).astype(np.float32))

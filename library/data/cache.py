@@ -474,36 +474,35 @@ def build_latent_cache(group, encode, model_id, to_disk=False, batch_size=1, ski
     if current:
         batches.append(current)
 
-    bar = tqdm(total=len(todo), desc="caching latents", unit="img",
-               disable=not progress or not todo or share.rank != 0)
-    for start in range(0, len(batches), share.size):
-        rnd = batches[start:start + share.size]
-        own = rnd[share.rank] if share.rank < len(rnd) else None
-        payload = _encode_latent_batch(own, encode, cache) if own is not None else None
-        for owner, batch in enumerate(rnd):
-            first = batch[0][1][0]
-            count = 1 + bool(first.subset.flip_aug) + bool(first.subset.masked)
-            arrays = iter(_exchange(share, owner, payload, count))
-            latents = next(arrays)
-            flipped = next(arrays) if first.subset.flip_aug else None
-            masks = next(arrays) if first.subset.masked else None
-            by_file = {}
-            for i, (eid, (record, config, path, key_json)) in enumerate(batch):
-                entry = {"key": key_json, "latents": latents[i]}
-                if flipped is not None:
-                    entry["latents_flipped"] = flipped[i]
-                if masks is not None:
-                    entry["alpha_mask"] = masks[i]
-                if to_disk:
-                    by_file.setdefault(path, {})[eid] = entry
-                else:
-                    cache._memory[eid] = entry
-                cache.computed += 1
-            if share.local_rank == 0:     # one writer per node
-                for path, new in by_file.items():
-                    _update_file(path, new, wanted[path])
-            bar.update(len(batch))
-    bar.close()
+    with tqdm(total=len(todo), desc="caching latents", unit="img",
+              disable=not progress or not todo or share.rank != 0) as bar:
+        for start in range(0, len(batches), share.size):
+            rnd = batches[start:start + share.size]
+            own = rnd[share.rank] if share.rank < len(rnd) else None
+            payload = _encode_latent_batch(own, encode, cache) if own is not None else None
+            for owner, batch in enumerate(rnd):
+                first = batch[0][1][0]
+                count = 1 + bool(first.subset.flip_aug) + bool(first.subset.masked)
+                arrays = iter(_exchange(share, owner, payload, count))
+                latents = next(arrays)
+                flipped = next(arrays) if first.subset.flip_aug else None
+                masks = next(arrays) if first.subset.masked else None
+                by_file = {}
+                for i, (eid, (record, config, path, key_json)) in enumerate(batch):
+                    entry = {"key": key_json, "latents": latents[i]}
+                    if flipped is not None:
+                        entry["latents_flipped"] = flipped[i]
+                    if masks is not None:
+                        entry["alpha_mask"] = masks[i]
+                    if to_disk:
+                        by_file.setdefault(path, {})[eid] = entry
+                    else:
+                        cache._memory[eid] = entry
+                    cache.computed += 1
+                if share.local_rank == 0:     # one writer per node
+                    for path, new in by_file.items():
+                        _update_file(path, new, wanted[path])
+                bar.update(len(batch))
     if to_disk:
         _barrier(share)      # every file is written before any rank reads it
     logger.info("latent cache: %d entries, %d from disk, %d computed%s", len(set(e for _, e, _ in cache._index.values())),
@@ -584,30 +583,29 @@ def build_text_cache(group, encode, model_id, max_token_length=None, weighted=Fa
 
     items = list(pending.items())
     chunks = [items[start:start + batch_size] for start in range(0, len(items), batch_size)]
-    bar = tqdm(total=len(items), desc="caching text-encoder outputs", unit="caption",
-               disable=not progress or not items or share.rank != 0)
-    for start in range(0, len(chunks), share.size):
-        rnd = chunks[start:start + share.size]
-        payload = None
-        if share.rank < len(rnd):
-            payload = encode([caption for _, (caption, _, _) in rnd[share.rank]])
-            cache.encoded_captions += len(rnd[share.rank])
-        for owner, chunk in enumerate(rnd):
-            context, pooled = _exchange(share, owner, payload, 2)
-            by_file = {}
-            for i, (key_json, (_, eid, targets)) in enumerate(chunk):
-                if not to_disk:
-                    cache._memory[eid] = (context[i], pooled[i])
-                    cache.computed += 1
-                    continue
-                for path, _ in targets:
-                    by_file.setdefault(path, {})[eid] = {"key": key_json, "context": context[i], "pooled": pooled[i]}
-                    cache.computed += 1
-            if share.local_rank == 0:     # one writer per node
-                for path, new in by_file.items():
-                    _update_file(path, new, wanted[path])
-            bar.update(len(chunk))
-    bar.close()
+    with tqdm(total=len(items), desc="caching text-encoder outputs", unit="caption",
+              disable=not progress or not items or share.rank != 0) as bar:
+        for start in range(0, len(chunks), share.size):
+            rnd = chunks[start:start + share.size]
+            payload = None
+            if share.rank < len(rnd):
+                payload = encode([caption for _, (caption, _, _) in rnd[share.rank]])
+                cache.encoded_captions += len(rnd[share.rank])
+            for owner, chunk in enumerate(rnd):
+                context, pooled = _exchange(share, owner, payload, 2)
+                by_file = {}
+                for i, (key_json, (_, eid, targets)) in enumerate(chunk):
+                    if not to_disk:
+                        cache._memory[eid] = (context[i], pooled[i])
+                        cache.computed += 1
+                        continue
+                    for path, _ in targets:
+                        by_file.setdefault(path, {})[eid] = {"key": key_json, "context": context[i], "pooled": pooled[i]}
+                        cache.computed += 1
+                if share.local_rank == 0:     # one writer per node
+                    for path, new in by_file.items():
+                        _update_file(path, new, wanted[path])
+                bar.update(len(chunk))
     if to_disk:
         _barrier(share)      # every file is written before any rank reads it
     logger.info("text-encoder output cache: %d entries, %d from disk, %d computed (%d captions encoded)%s",

@@ -5,7 +5,8 @@
 
 Cases (each in its own process): the tiny preset (the test checkpoint, seed 0) and "medium" (SDXL's
 topology -- levels, depths, heads of 64/4 channels -- at a quarter of its width, random weights), each
-with the guided UNet step compiled (ms.jit) and in PyNative; euler, CFG 7.5 (batched 2B), batch 1.
+with the guided UNet step compiled (ms.jit: one graph for every shape, or with --modes
+graph-static a graph per shape) and in PyNative; euler, CFG 7.5 (batched 2B), batch 1.
 s/image excludes compile time (one warm-up image first). Then diffusers' StableDiffusionXLPipeline
 (PyTorch, CPU) on the same tiny weights written as a diffusers folder, with EulerDiscreteScheduler,
 for the ratio. PyTorch runs with --torch-threads (default 1), MindSpore with --ms-threads (0: its
@@ -45,7 +46,8 @@ def run_case(preset, mode, size, steps, images, ckpt):
     set_mindspore_threads()
     from library.generation.pipeline import GenerationOptions, ImageRequest, Pipeline
     models = _models(preset, ckpt)
-    pipe = Pipeline(models, GenerationOptions(compile=mode == "graph"))
+    pipe = Pipeline(models, GenerationOptions(compile=mode != "pynative",
+                                              static_shapes=mode == "graph-static"))
     req = dict(width=size, height=size, steps=steps, sampler="euler", scale=7.5)
     start = time.perf_counter()
     pipe.generate([ImageRequest(PROMPT, seed=0, **req)])
@@ -53,7 +55,7 @@ def run_case(preset, mode, size, steps, images, ckpt):
     start = time.perf_counter()
     pipe.generate([ImageRequest(PROMPT, seed=i + 1, **req) for i in range(images)])
     per_image = (time.perf_counter() - start) / images
-    compile_s = pipe.stats.compile_seconds if mode == "graph" else 0.0
+    compile_s = pipe.stats.compile_seconds if mode != "pynative" else 0.0
     print(json.dumps(dict(first=first, per_image=per_image, compile=compile_s,
                           step_ms=pipe.stats.median_step * 1000)), flush=True)
 
@@ -91,7 +93,9 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--images", type=int, default=2)
     p.add_argument("--presets", default="tiny,medium")
-    p.add_argument("--modes", default="graph,pynative")
+    p.add_argument("--modes", default="graph,pynative",
+                   help="of graph (one UNet graph for every shape, the default), graph-static "
+                        "(a graph per shape: sdxl_gen_img --static_shapes), pynative")
     p.add_argument("--torch-python", default=None)
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--torch-threads", type=int, default=1,

@@ -42,7 +42,7 @@ class _Linear(nn.Cell):
 
     MindSpore derives Dense's gradient through its generic matmul rule, which checks for
     broadcasting: under dynamic shapes that check runs at every call (BatchMatMul, BroadcastTo,
-    ReduceSum and ShapeCalc kernels per Linear), which made a dynamic-shape train step 2.3x the
+    ReduceSum and ShapeCalc kernels per Linear), which made a dynamic-shape train step 2.3-2.6x the
     static one, and in a static graph it adds transposes. Gradients nothing uses (a frozen
     weight's, an input's that needs none) are pruned by the graph compiler as autodiff's are."""
 

@@ -80,6 +80,30 @@ def _weight_grad(x, weight, dout_2d):
 _LINEAR, _LINEAR_BIAS = _Linear(), _LinearBias()
 
 
+def add(*xs):
+    """The sum of same-shape tensors, as one AddN: its gradient is `dout` for every input.
+
+    `a + b` may broadcast, so its gradient reduces `dout` to each input's shape; with open
+    shapes (the trainer's one dynamic graph) the compiler cannot see that the shapes match and
+    every add runs Shape, ShapeCalc, ReduceSum and Reshape kernels at each step (two of each per
+    residual and LoRA add: about 1,500 launches of a tiny UNet step)."""
+    return _ADD_N(list(xs))
+
+
+class _SameShapeMul(nn.Cell):
+    """a * b for tensors of one shape, with the gradient written out (`bprop`) for the reason
+    `add` gives: no broadcast reduction under open shapes."""
+
+    def construct(self, a, b):
+        return a * b
+
+    def bprop(self, a, b, out, dout):
+        return dout * b, dout * a
+
+
+_ADD_N, mul = ops.AddN(), _SameShapeMul()
+
+
 class Conv2d(nn.Conv2d):
     """PyTorch-style conv. `padding` is an int or MindSpore's (top, bottom, left, right).
 

@@ -147,10 +147,7 @@ class LoRADense(nn.Cell):
         self.lora_branches = nn.CellList()
 
     def construct(self, x):
-        y = layers.linear(x, self.weight, self.bias)
-        for branch in self.lora_branches:
-            y = y + branch(x).astype(y.dtype)
-        return y
+        return _with_branches(layers.linear(x, self.weight, self.bias), x, self.lora_branches)
 
 
 class LoRAConv2d(nn.Cell):
@@ -173,9 +170,15 @@ class LoRAConv2d(nn.Cell):
         y = self.conv2d(x, self.weight)
         if self.has_bias:
             y = self.bias_add(y, self.bias)
-        for branch in self.lora_branches:
-            y = y + branch(x).astype(y.dtype)
-        return y
+        return _with_branches(y, x, self.lora_branches)
+
+
+def _with_branches(y, x, branches):
+    """The host's output plus each LoRA branch's, as one same-shape sum (`layers.add`)."""
+    outs = [y]
+    for branch in branches:
+        outs.append(branch(x).astype(y.dtype))
+    return outs[0] if len(outs) == 1 else layers.add(*outs)
 
 
 _HOSTS = (LoRADense, LoRAConv2d)

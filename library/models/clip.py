@@ -48,8 +48,8 @@ class CLIPEncoderLayer(nn.Cell):
         self.layer_norm2 = layers.LayerNorm(cfg.hidden_size, cfg.layer_norm_eps)
 
     def construct(self, x, mask):
-        x = x + self.self_attn(self.layer_norm1(x), mask)
-        return x + self.mlp(self.layer_norm2(x))
+        x = layers.add(x, self.self_attn(self.layer_norm1(x), mask))
+        return layers.add(x, self.mlp(self.layer_norm2(x)))
 
 
 class CLIPEmbeddings(nn.Cell):

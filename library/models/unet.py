@@ -32,7 +32,7 @@ class ResBlock(nn.Cell):
         h = h + self.emb_layers(emb).astype(h.dtype)[:, :, None, None]
         h = self.out_layers(h)
         skip = self.skip_connection(x) if self.has_skip else x
-        return skip + h
+        return layers.add(skip, h)
 
 
 class Downsample(nn.Cell):
@@ -76,7 +76,7 @@ class GEGLU(nn.Cell):
     def construct(self, x):
         h = self.proj(x)
         # Slicing, not chunk: the Chunk primitive has no CPU kernel under graph mode.
-        return h[..., : self.inner] * layers.gelu(h[..., self.inner:])
+        return layers.mul(h[..., : self.inner], layers.gelu(h[..., self.inner:]))
 
 
 class FeedForward(nn.Cell):
@@ -101,9 +101,9 @@ class BasicTransformerBlock(nn.Cell):
 
     def construct(self, x, context):
         h = self.norm1(x)
-        x = self.attn1(h, h) + x
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        x = layers.add(self.attn1(h, h), x)
+        x = layers.add(self.attn2(self.norm2(x), context), x)
+        return layers.add(self.ff(self.norm3(x)), x)
 
 
 class SpatialTransformer(nn.Cell):
@@ -122,7 +122,7 @@ class SpatialTransformer(nn.Cell):
         for block in self.transformer_blocks:
             t = block(t, context)
         t = self.proj_out(t)
-        return t.reshape(b, h, w, c).transpose(0, 3, 1, 2) + x
+        return layers.add(t.reshape(b, h, w, c).transpose(0, 3, 1, 2), x)
 
 
 class ConvIn(layers.Conv2d):

@@ -251,8 +251,9 @@ class _HeadAttention(nn.Cell):
 
 
 class Attention(nn.Cell):
-    """Unmasked multi-head attention on (B, L, C) tensors: Ascend's fused flash-attention kernel
-    there (float16/bfloat16 inputs), math attention elsewhere (`_HeadAttention`).
+    """Unmasked multi-head attention on (B, L, C) tensors, or on token rows (B*L, C) of `batch`
+    samples (the output has the input's layout): Ascend's fused flash-attention kernel there
+    (float16/bfloat16 inputs), math attention elsewhere (`_HeadAttention`).
 
     The backend is fixed when the cell is built, so a compiled graph holds one path only and the
     device is never queried inside a graph.
@@ -264,20 +265,26 @@ class Attention(nn.Cell):
         self.use_flash = device.is_ascend()
         self.head_attention = _HeadAttention()
 
-    def construct(self, q, k, v):
-        if self.use_flash and q.dtype != ms.float32:
-            scale = (q.shape[-1] // self.heads) ** -0.5
-            return ops.flash_attention_score(q, k, v, self.heads, input_layout="BSH",
-                                             scale_value=scale)
-        b, n, c = q.shape
+    def construct(self, q, k, v, batch=None):
+        rows = q.ndim == 2
+        b = batch if rows else q.shape[0]
+        c = q.shape[-1]
         heads, d = self.heads, c // self.heads
+        if self.use_flash and q.dtype != ms.float32:
+            out = ops.flash_attention_score(q.reshape(b, -1, c), k.reshape(b, -1, c),
+                                            v.reshape(b, -1, c), heads, input_layout="BSH",
+                                            scale_value=d ** -0.5)
+            return out.reshape(-1, c) if rows else out
         # the scale on q (L x C values), not on the L x L scores
-        q = (q * (d ** -0.5)).reshape(b, n, heads, d).transpose(0, 2, 1, 3).reshape(-1, n, d)
-        m = k.shape[1]
-        k = k.reshape(b, m, heads, d).transpose(0, 2, 1, 3).reshape(-1, m, d)
-        v = v.reshape(b, m, heads, d).transpose(0, 2, 1, 3).reshape(-1, m, d)
-        out = self.head_attention(q, k, v)[0]
-        return out.reshape(b, heads, n, d).transpose(0, 2, 1, 3).reshape(b, n, c)
+        q = _heads_first(q * (d ** -0.5), b, heads, d)
+        out = self.head_attention(q, _heads_first(k, b, heads, d), _heads_first(v, b, heads, d))[0]
+        out = out.reshape(b, heads, -1, d).transpose(0, 2, 1, 3)
+        return out.reshape(-1, c) if rows else out.reshape(b, -1, c)
+
+
+def _heads_first(x, b, heads, d):
+    """(B, L, heads*D) or (B*L, heads*D) -> (B*heads, L, D)."""
+    return x.reshape(b, -1, heads, d).transpose(0, 2, 1, 3).reshape(b * heads, -1, d)
 
 
 def timestep_embedding(t, dim, max_period=10000):

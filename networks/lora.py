@@ -28,6 +28,7 @@ from mindspore.common.initializer import HeUniform, initializer
 
 from library import layers
 from library.errors import UserError
+from library.models.unet import SpatialTransformer
 from library.safetensors_io import SafetensorsFile, write_safetensors
 
 UNET_PREFIX = "lora_unet"
@@ -179,6 +180,15 @@ def _with_branches(y, x, branches):
     for branch in branches:
         outs.append(branch(x).astype(y.dtype))
     return outs[0] if len(outs) == 1 else layers.add(*outs)
+
+
+def _keep_sample_axis(unets):
+    """Rank dropout masks per sample over (B, L, r) activations (kohya): the UNets' transformers
+    then keep (B, L, C) tokens instead of token rows (SpatialTransformer)."""
+    for unet in unets:
+        for _, cell in unet.cells_and_names():
+            if isinstance(cell, SpatialTransformer):
+                cell.token_rows = False
 
 
 _HOSTS = (LoRADense, LoRAConv2d)
@@ -622,6 +632,8 @@ class LoRANetwork:
             lora.lora_down.weight.name = f"{prefix}{lora.lora_name}.lora_down.weight"
             lora.lora_up.weight.name = f"{prefix}{lora.lora_name}.lora_up.weight"
         self.multiplier.name = f"{prefix}lora_multiplier"
+        if self.rank_dropout is not None:
+            _keep_sample_axis(self._places[lora.lora_name][0] for lora in self.unet_loras)
         self.applied = True
 
     # -- weights ---------------------------------------------------------------------------

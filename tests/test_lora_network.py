@@ -182,6 +182,26 @@ def test_dropouts_only_in_training(tiny_ckpt):
     np.testing.assert_array_equal(te(ids(1))[0].asnumpy(), a)
 
 
+def test_rank_dropout_keeps_tokens_per_sample_and_both_layouts_agree(tiny_ckpt):
+    """The transformers run tokens as rows (B*L, C); rank dropout (a per-sample mask, kohya's)
+    switches them to (B, L, C). Both layouts give the same UNet output."""
+    from library.models.unet import SpatialTransformer
+    models = load_sdxl(tiny_ckpt)
+    transformers = [c for _, c in models.unet.cells_and_names()
+                    if isinstance(c, SpatialTransformer)]
+    assert transformers and all(c.token_rows for c in transformers)
+    net = lora.create_network(1.0, 4, 4.0, None, tes(models), models.unet, rank_dropout="0.5")
+    randomise_lora(net, up_std=0.2)
+    net.apply_to(tes(models), models.unet, False, True)
+    assert not any(c.token_rows for c in transformers)
+    models.unet.set_train(False)
+    batch = unet_inputs(models)
+    per_sample = models.unet(*batch).asnumpy()
+    for c in transformers:
+        c.token_rows = True
+    np.testing.assert_allclose(models.unet(*batch).asnumpy(), per_sample, rtol=1e-5, atol=1e-5)
+
+
 def test_second_network_stacks_with_its_own_multiplier(tiny_ckpt):
     models = load_sdxl(tiny_ckpt)
     first = lora.create_network(1.0, 2, None, None, tes(models), None)

@@ -62,8 +62,8 @@ class CrossAttention(nn.Cell):
         self.to_v = layers.Linear(context_dim, dim, bias=False)
         self.to_out = nn.SequentialCell([layers.Linear(dim, dim)])
 
-    def construct(self, x, context):
-        out = self.attention(self.to_q(x), self.to_k(context), self.to_v(context))
+    def construct(self, x, context, batch):
+        out = self.attention(self.to_q(x), self.to_k(context), self.to_v(context), batch)
         return self.to_out(out)
 
 
@@ -99,14 +99,27 @@ class BasicTransformerBlock(nn.Cell):
         self.norm2 = layers.LayerNorm(dim)
         self.norm3 = layers.LayerNorm(dim)
 
-    def construct(self, x, context):
+    def construct(self, x, context, batch):
         h = self.norm1(x)
-        x = layers.add(self.attn1(h, h), x)
-        x = layers.add(self.attn2(self.norm2(x), context), x)
+        x = layers.add(self.attn1(h, h, batch), x)
+        x = layers.add(self.attn2(self.norm2(x), context, batch), x)
         return layers.add(self.ff(self.norm3(x)), x)
 
 
 class SpatialTransformer(nn.Cell):
+    """GroupNorm, proj_in, the transformer blocks, proj_out, plus the input.
+
+    The tokens go through the blocks as rows, (B*H*W, C), and the context as (B*77, C'), so that
+    every Linear has a 2-D input: with open shapes (the trainer's one dynamic graph) a 2-D Linear
+    runs as its MatMul alone, while a (B, L, C) one adds Shape, ShapeCalc and Reshape kernels at
+    each call (about 2,000 launches of a tiny UNet step). Only attention needs the sample
+    boundaries, so the blocks get the batch size. kohya's rank dropout draws its mask per sample
+    over (B, L, r) activations: a network with rank dropout sets `token_rows` False, and the
+    tokens keep that layout.
+    """
+
+    token_rows = True
+
     def __init__(self, ch, context_dim, heads, depth, groups):
         super().__init__()
         self.norm = layers.GroupNorm(groups, ch, eps=1e-6)
@@ -117,10 +130,14 @@ class SpatialTransformer(nn.Cell):
 
     def construct(self, x, emb, context):
         b, c, h, w = x.shape
-        t = self.norm(x).transpose(0, 2, 3, 1).reshape(b, h * w, c)
+        t = self.norm(x).transpose(0, 2, 3, 1)
+        if self.token_rows:
+            t, context = t.reshape(-1, c), context.reshape(-1, context.shape[-1])
+        else:
+            t = t.reshape(b, h * w, c)
         t = self.proj_in(t)
         for block in self.transformer_blocks:
-            t = block(t, context)
+            t = block(t, context, b)
         t = self.proj_out(t)
         return layers.add(t.reshape(b, h, w, c).transpose(0, 3, 1, 2), x)
 

@@ -141,3 +141,17 @@ def test_dynamic_graph_images_equal_the_static_graphs(tiny_models):
     for a, b in zip(dynamic, static):
         np.testing.assert_allclose(a.latents, b.latents, rtol=1e-5, atol=1e-5)
         assert np.abs(np.asarray(a.image, np.int16) - np.asarray(b.image, np.int16)).max() <= 1
+
+
+def test_one_shape_runs_its_own_graph_then_moves_to_the_open_one(pipe, tiny_models):
+    """The module's runs all had one shape (64x64, batch 1): one graph of that shape, the CPU's
+    faster kind. A size it has not seen moves the pipeline to the open-shape graph, once."""
+    (x_shape, _, _), = pipe.stats.graphs
+    assert x_shape == (1, 4, SIZE // 8, SIZE // 8)
+    wide = pipe.generate([req(width=96, seed=5)])[0]
+    assert len(pipe.stats.graphs) == 2 and pipe.stats.graphs[1][0] is True   # (guided, dtype)
+    pipe.generate([req(seed=6), req(width=128, seed=7)])
+    assert len(pipe.stats.graphs) == 2
+    eager = Pipeline(tiny_models, GenerationOptions(batch_size=1, compile=False))
+    ref = eager.generate([req(width=96, seed=5)])[0]
+    np.testing.assert_allclose(wide.latents, ref.latents, atol=2e-5 * np.abs(ref.latents).max())

@@ -127,7 +127,8 @@ def setup_parser():
     a("--no_compile", action="store_true", help="run the UNet in PyNative mode instead of a compiled graph")
     a("--static_shapes", action="store_true",
       help="(this port) one compiled UNet graph per latent size, batch and prompt length instead "
-           "of one graph for all of them")
+           "of one graph for all of them (a run of one shape compiles that shape's graph either "
+           "way)")
     for name, (kwargs, what) in UNSUPPORTED.items():
         kwargs = dict(kwargs)
         nargs = "?" if kwargs.pop("action", None) else kwargs.pop("nargs", None)

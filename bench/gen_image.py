@@ -46,6 +46,8 @@ def _models(preset, ckpt):
 
 def run_case(preset, mode, size, steps, images, ckpt):
     sys.path.insert(0, ROOT)
+    from library import device
+    device.configure(parallel_dispatch=False)       # as sdxl_gen_img does
     set_mindspore_threads()
     from library.generation.pipeline import GenerationOptions, ImageRequest, Pipeline
     models = _models(preset, ckpt)

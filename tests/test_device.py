@@ -1,5 +1,7 @@
 """The process-wide MindSpore setup of library/device.py."""
 
+import os
+
 import mindspore as ms
 import pytest
 
@@ -10,3 +12,22 @@ def test_the_cpu_runtime_is_given_its_dispatch_threads():
     # thread and a graph step runs twice as slow)
     with pytest.raises(RuntimeError, match="repeatedly"):
         ms.runtime.dispatch_threads_num(2)
+
+
+def test_the_generator_keeps_mindspore_s_dispatch_default(tmp_path):
+    # its forward-only UNet graph runs 2.7x slower with the trainer's setting (library/device.py)
+    import subprocess
+    import sys
+    from conftest import ROOT
+    script = (
+        "import mindspore as ms, sdxl_gen_img\n"
+        "try:\n"
+        f"    sdxl_gen_img.main(['--ckpt', 'none', '--outdir', {str(tmp_path)!r}, '--prompt', 'x',\n"
+        "                       '--static_shapes', '--no_compile'])\n"
+        "except SystemExit as exit:\n"
+        "    assert exit.code == 2, exit.code\n"
+        "ms.runtime.dispatch_threads_num(2)\n"
+        "print('left unset')\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0 and "left unset" in proc.stdout, proc.stderr[-2000:]

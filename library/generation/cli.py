@@ -235,7 +235,7 @@ def run(args):
     _setup_logging(args)
     _notices(args)
     from library import device
-    device.configure()
+    device.configure(parallel_dispatch=False)
     check_args(args)
     highres = args.highres_fix_scale is not None
     init_images = load_images(args.image_path) if args.image_path else None

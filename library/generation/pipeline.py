@@ -18,7 +18,7 @@ What one call does, following kohya's sdxl_gen_img (the line numbers are sdxl_ge
   and prompt length left open (`set_inputs` with None dimensions), and reused for every size,
   batch, step, prompt, seed and image; a scale of 1 uses the plain UNet step (its own graph).
   A run whose batches all have one shape (the first generate() call decides; training samples
-  with one size) compiles that shape's graph instead, 1.7-1.8x faster per step on CPU, and
+  with one size) compiles that shape's graph instead, about 1.4x faster per step on CPU, and
   moves to the open graph if a later call brings another shape (a longer prompt, a new size);
   `static_shapes` compiles one graph per input shape, as this port used to;
 - the sampler (`samplers.sample`) runs on the host; noise comes from one numpy Generator per image

@@ -179,7 +179,7 @@ def _with_branches(y, x, branches):
     outs = [y]
     for branch in branches:
         outs.append(branch(x).astype(y.dtype))
-    return outs[0] if len(outs) == 1 else layers.add(*outs)
+    return layers.add(*outs)
 
 
 def _keep_sample_axis(unets):
@@ -633,7 +633,8 @@ class LoRANetwork:
             lora.lora_up.weight.name = f"{prefix}{lora.lora_name}.lora_up.weight"
         self.multiplier.name = f"{prefix}lora_multiplier"
         if self.rank_dropout is not None:
-            _keep_sample_axis(self._places[lora.lora_name][0] for lora in self.unet_loras)
+            roots = (self._places[lora.lora_name][0] for lora in self.unet_loras)
+            _keep_sample_axis({id(root): root for root in roots}.values())
         self.applied = True
 
     # -- weights ---------------------------------------------------------------------------

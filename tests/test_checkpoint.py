@@ -176,6 +176,24 @@ def test_missing_extra_and_misshapen_tensors_are_listed(tiny_ckpt, tmp_path):
     _assert_refused(_convert(bad, tmp_path), "wrong shape", key, "(7,)")
 
 
+@pytest.mark.parametrize("preset", ["tiny", "medium", "sdxl_base"])
+def test_a_files_preset_is_found_from_the_shapes_its_built_unet_has(preset):
+    """The preset probe reads conv_in and label_emb shapes off the config: they must be the
+    shapes the built UNet's parameters have (built without weights, about a second at full size)."""
+    from library.models import build_sdxl
+    from library.models.checkpoint import _detect_preset
+    unet = dict(build_sdxl(preset, init=False).unet.parameters_and_names())
+    assert _detect_preset("m", lambda k: tuple(unet[k].shape)) == preset
+
+
+def test_an_unknown_unet_width_is_refused(tiny_ckpt, tmp_path):
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    bad = _variant(tiny_ckpt, tmp_path / "wide.safetensors",
+                   lambda t: t.update({key: np.zeros((48, 4, 3, 3), np.float32)}))
+    _assert_refused(_convert(bad, tmp_path), str(bad), "(48, 4, 3, 3)",
+                    "match no supported SDXL configuration")
+
+
 def test_position_ids_in_a_file_are_tolerated(tiny_ckpt, tmp_path):
     key = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
     ok = _variant(tiny_ckpt, tmp_path / "pos.safetensors",

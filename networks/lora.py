@@ -635,6 +635,9 @@ class LoRANetwork:
         if self.rank_dropout is not None:
             roots = (self._places[lora.lora_name][0] for lora in self.unet_loras)
             _keep_sample_axis({id(root): root for root in roots}.values())
+        models = {id(root): root for root in (self._places[lora.lora_name][0] for lora in self.loras)}
+        for model in models.values():       # the branches are cells of their hosts now
+            layers.check_parameter_names_once(model)
         self.applied = True
 
     # -- weights ---------------------------------------------------------------------------

@@ -79,3 +79,28 @@ def test_configs_are_consistent():
         assert u.context_dim == cfg.text_encoder1.hidden_size + cfg.text_encoder2.hidden_size
         assert u.adm_in_channels == cfg.text_encoder2.projection_dim + 6 * u.size_embed_dim
     assert SDXL_BASE.unet.adm_in_channels == 2816 and SDXL_BASE.vae.scaling_factor == 0.13025
+
+
+def test_a_built_model_skips_mindspores_per_cell_name_check_and_duplicates_are_refused(
+        monkeypatch):
+    """layers.check_parameter_names_once: MindSpore's own check (one subtree walk per cell on
+    its first PyNative call) must not run for a built model's cells; if MindSpore renames the private
+    flag it runs again and this test fails."""
+    import mindspore as ms
+    from mindspore import Parameter, Tensor, nn
+    from library import layers
+    calls = []
+    original = nn.Cell.check_names_and_refresh_name
+    monkeypatch.setattr(nn.Cell, "check_names_and_refresh_name",
+                        lambda self: calls.append(len(self.trainable_params())) or original(self))
+    te = build_sdxl("tiny").text_encoder1
+    te(Tensor(np.zeros((1, 77), np.int32)))
+    assert calls and not any(calls)      # only layers' shared parameterless op cells
+
+    class Twice(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.a = Parameter(Tensor(np.zeros(1, np.float32)), name="w")
+            self.b = Parameter(Tensor(np.zeros(1, np.float32)), name="w")
+    with pytest.raises(ValueError, match=r"duplicate parameter names: \['w'\]"):
+        layers.check_parameter_names_once(Twice())

@@ -11,6 +11,7 @@ from typing import Optional
 from mindspore import nn
 from mindspore.nn.utils import no_init_parameters
 
+from library import layers
 from library.models.clip import CLIPTextModel
 from library.models.config import SDXLConfig, get_preset
 from library.models.unet import SDXLUNet
@@ -50,6 +51,7 @@ def build_sdxl(preset="sdxl_base", init=True):
     # same module paths: prefix every name with its component (module paths stay as they are).
     for component in ("text_encoder1", "text_encoder2", "vae", "unet"):
         getattr(models, component).update_parameters_name(component + ".")
+        layers.check_parameter_names_once(getattr(models, component))
     return models
 
 

@@ -111,7 +111,7 @@ MEDIUM = SDXLConfig(
     vae=VAEConfig(ch=32, norm_groups=16),
 )
 
-# medium last: checkpoint preset detection tries them in this order
+# a checkpoint's preset is found by its conv_in and label_emb shapes, which differ between these
 PRESETS = {c.name: c for c in (SDXL_BASE, TINY, MEDIUM)}
 
 

@@ -317,9 +317,11 @@ def check_parameter_names_once(root):
     """MindSpore checks each cell's parameter names for duplicates on the cell's first PyNative
     call: every cell walks its whole subtree, and reading a name waits on the dispatch pipeline.
     Over a UNet and its LoRA that is about 45,000 waits, half of a first PyNative tiny-model
-    generation (7.7 -> 3.9 s). Check the whole model once here, then mark its cells as checked
+    generation (7.7 -> 3.6 s). Check the whole model once here, then mark its cells as checked
     (MindSpore's private `_is_check_and_refresh` flag; tests/test_model_structure.py pins it).
-    Cells added later (a LoRA's) still check their own small subtrees."""
+    The flag also skips the first call's lazy `init_data` of parameters built under
+    `no_init_parameters`: build_sdxl(init=False) models get every weight from a checkpoint before
+    they run. networks.lora marks a model again after inserting its branches."""
     names = [p.name for p in root.get_parameters()]
     if len(set(names)) < len(names):
         seen = set()

@@ -319,10 +319,14 @@ def check_parameter_names_once(root):
     Over a UNet and its LoRA that is about 45,000 waits, half of a first PyNative tiny-model
     generation (7.7 -> 3.6 s). Check the whole model once here, then mark its cells as checked
     (MindSpore's private `_is_check_and_refresh` flag; tests/test_model_structure.py pins it).
-    The flag also skips the first call's lazy `init_data` of parameters built under
-    `no_init_parameters`: build_sdxl(init=False) models get every weight from a checkpoint before
-    they run. networks.lora marks a model again after inserting its branches."""
-    names = [p.name for p in root.get_parameters()]
+    The flag also skips the first call's lazy `init_data`, so a model with a parameter still
+    waiting for its data (built under `no_init_parameters`, not loaded yet) is left unmarked.
+    build_sdxl and the checkpoint loader mark their models; networks.lora marks a model again
+    after inserting its branches."""
+    params = list(root.get_parameters())
+    if any(p.has_init for p in params):
+        return
+    names = [p.name for p in params]
     if len(set(names)) < len(names):
         seen = set()
         twice = sorted({n for n in names if n in seen or seen.add(n)})

@@ -82,13 +82,14 @@ def test_configs_are_consistent():
 
 
 def test_a_built_model_skips_mindspores_per_cell_name_check_and_duplicates_are_refused(
-        monkeypatch):
+        monkeypatch, tiny_ckpt):
     """layers.check_parameter_names_once: MindSpore's own check (one subtree walk per cell on
     its first PyNative call) must not run for a built model's cells; if MindSpore renames the private
     flag it runs again and this test fails."""
     import mindspore as ms
     from mindspore import Parameter, Tensor, nn
     from library import layers
+    from library.models import load_sdxl
     calls = []
     original = nn.Cell.check_names_and_refresh_name
     monkeypatch.setattr(nn.Cell, "check_names_and_refresh_name",
@@ -96,6 +97,11 @@ def test_a_built_model_skips_mindspores_per_cell_name_check_and_duplicates_are_r
     te = build_sdxl("tiny").text_encoder1
     te(Tensor(np.zeros((1, 77), np.int32)))
     assert not any(calls)       # at most layers' shared parameterless op cells, once a process
+
+    def marked(model):
+        return {c._is_check_and_refresh for _, c in model.cells_and_names()}
+    assert marked(load_sdxl(tiny_ckpt).unet) == {True}
+    assert marked(build_sdxl("tiny", init=False).unet) == {False}   # no data yet: MindSpore's own
 
     class Twice(nn.Cell):
         def __init__(self):

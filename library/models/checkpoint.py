@@ -14,6 +14,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
+from library import layers
 from library.errors import UserError
 from library.models import keymaps
 from library.models.config import PRESETS
@@ -149,6 +150,8 @@ def _fill(models, files, place_of, dtype, source):
             if param.dtype != dtype:
                 param.set_dtype(dtype)
             param.set_data(Tensor(np.ascontiguousarray(_piece(array, entries, i)), dtype=dtype))
+    for component in COMPONENTS:
+        layers.check_parameter_names_once(getattr(models, component))
 
 
 def _detect_preset(source, shapes_of):

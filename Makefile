@@ -15,7 +15,7 @@ export PYTHONPATH := $(CURDIR)
 .PHONY: demo test test-full bench fixtures clean
 
 # uv installs the same pinned requirements as pip in about half the time on a cold machine
-# (24 s against 46 s here; README, "Tests"); pip is the fallback if uv cannot reach the index.
+# (19 s against 46 s here; README, "Tests"); pip is the fallback if uv cannot reach the index.
 $(STAMP): requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet uv==0.13.9

@@ -633,12 +633,14 @@ class LoRANetwork:
             lora.lora_up.weight.name = f"{prefix}{lora.lora_name}.lora_up.weight"
         self.multiplier.name = f"{prefix}lora_multiplier"
         if self.rank_dropout is not None:
-            roots = (self._places[lora.lora_name][0] for lora in self.unet_loras)
-            _keep_sample_axis({id(root): root for root in roots}.values())
-        models = {id(root): root for root in (self._places[lora.lora_name][0] for lora in self.loras)}
-        for model in models.values():       # the branches are cells of their hosts now
+            _keep_sample_axis(self._models_of(self.unet_loras))
+        for model in self._models_of(self.loras):    # the branches are cells of their hosts now
             layers.check_parameter_names_once(model)
         self.applied = True
+
+    def _models_of(self, loras):
+        """The models (UNet, text encoders) these LoRA modules sit in, each once."""
+        return list({id(m): m for m in (self._places[lora.lora_name][0] for lora in loras)}.values())
 
     # -- weights ---------------------------------------------------------------------------
 

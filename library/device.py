@@ -45,7 +45,8 @@ def _set_dispatch_threads():
 
 
 def device_target():
-    return ms.get_context("device_target")
+    """The run's device, also before `configure` has set it."""
+    return os.environ.get("MS_DEVICE_TARGET") or ms.get_context("device_target")
 
 
 def is_ascend():

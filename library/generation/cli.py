@@ -234,8 +234,6 @@ def _cast_vae(models, dtype):
 def run(args):
     _setup_logging(args)
     _notices(args)
-    from library import device
-    device.configure(parallel_dispatch=False)
     check_args(args)
     highres = args.highres_fix_scale is not None
     init_images = load_images(args.image_path) if args.image_path else None
@@ -278,6 +276,9 @@ def run(args):
         from library.generation.networks import show_metadata
         show_metadata(args.network_weights)
 
+    # MindSpore's import (about 2 s) comes after every check above, so bad input fails at once
+    from library import device
+    device.configure(parallel_dispatch=False)
     from library.models import load_sdxl
     import mindspore as ms
     dtype = "float16" if args.fp16 else "bfloat16" if args.bf16 else "float32"

@@ -32,13 +32,14 @@ def main(argv=None):
         if args.output_config:
             print(f"wrote {write_config_file(parser, args)}")
             return
-        if not under_msrun:
-            from library import device   # imports MindSpore: not before the options are read
-            device.configure()
         from library.training.interrupts import Interrupted
         from library.training.loop import prepare, train
         try:
-            train(prepare(args))
+            plan = prepare(args)     # every check that needs no model, before MindSpore's import
+            if not under_msrun:
+                from library import device
+                device.configure()
+            train(plan)
         except KeyboardInterrupt:   # Ctrl-C before the first step (library.training.interrupts)
             raise Interrupted("stopped before training started: nothing was saved") from None
 

@@ -28,17 +28,16 @@ from mindspore.common.initializer import HeUniform, initializer
 
 from library import layers
 from library.errors import UserError
+from library.file_checks import refuse_non_finite, refuse_pickle
 from library.models.unet import SpatialTransformer
 from library.safetensors_io import SafetensorsFile, write_safetensors
+from networks.lora_args import (NUM_TOTAL_BLOCKS, check_network_kwargs, get_block_lr_weight,
+                                parse_float, parse_floats, parse_int, parse_ints)
 
 UNET_PREFIX = "lora_unet"
 TE_PREFIXES = ("lora_te1", "lora_te2")
 SD1_TE_PREFIX = "lora_te"
 
-# kohya: 1 (time/label embedding) + 9 input blocks + 3 middle + 9 output + 1 (out) = 23 slots.
-SDXL_NUM_OF_BLOCKS = 9
-SDXL_NUM_OF_MID_BLOCKS = 3
-NUM_TOTAL_BLOCKS = 1 + SDXL_NUM_OF_BLOCKS * 2 + SDXL_NUM_OF_MID_BLOCKS + 1
 
 # Our classes for kohya's class-name target lists (lora.py:862-875):
 #   Transformer2DModel -> SpatialTransformer; ResnetBlock2D -> ResBlock;
@@ -278,175 +277,6 @@ def _replace(parent, key, new):
         parent[int(key)] = new
     else:
         setattr(parent, key, new)
-
-
-# =============================================================================================
-# --network_args
-# =============================================================================================
-
-def _int(key, value):
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"network_args {key}={value!r}: expected an integer") from None
-
-
-def _float(key, value):
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"network_args {key}={value!r}: expected a number") from None
-
-
-def _ints(key, value, count=NUM_TOTAL_BLOCKS):
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    values = [_int(key, v) for v in items]
-    if len(values) != count:
-        raise UserError(f"network_args {key} must have {count} comma-separated values (one per "
-                        f"SDXL block: 1 embedding + 9 input + 3 middle + 9 output + 1 out), "
-                        f"got {len(values)}")
-    return values
-
-
-def _floats(key, value, count=NUM_TOTAL_BLOCKS):
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    values = [_float(key, v) for v in items]
-    if len(values) != count:
-        raise UserError(f"network_args {key} must have {count} comma-separated values (one per "
-                        f"SDXL block), got {len(values)}")
-    return values
-
-
-NETWORK_ARGS = {
-    "conv_dim": "rank of the 3x3 convs (enables ResBlock/Downsample/Upsample targets)",
-    "conv_alpha": "alpha of the 3x3 convs (default 1.0)",
-    "rank_dropout": "probability of dropping each rank per sample (training only)",
-    "module_dropout": "probability of skipping a whole module per call (training only)",
-    "block_dims": "23 comma-separated ranks, one per SDXL block",
-    "block_alphas": "23 comma-separated alphas",
-    "conv_block_dims": "23 comma-separated 3x3-conv ranks",
-    "conv_block_alphas": "23 comma-separated 3x3-conv alphas",
-    "down_lr_weight": "9 LR weights for input_blocks 0-8, or a preset "
-                      "(cosine, sine, linear, reverse_linear, zeros, optionally +base)",
-    "mid_lr_weight": "3 LR weights for middle_block 0-2",
-    "up_lr_weight": "9 LR weights for output_blocks 0-8, or a preset",
-    "block_lr_zero_threshold": "block LR weights at or below this remove the block's modules",
-    "loraplus_lr_ratio": "LoRA+: lora_up parameters get lr x ratio",
-    "loraplus_unet_lr_ratio": "LoRA+ ratio for the UNet (overrides loraplus_lr_ratio)",
-    "loraplus_text_encoder_lr_ratio": "LoRA+ ratio for the text encoders",
-}
-
-
-def parse_network_args(items):
-    """`--network_args key=value ...` -> {key: value string}, split on the first '=' as kohya.
-
-    Unlike kohya, an unknown key is an error (kohya ignores it silently)."""
-    kwargs = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"network_args {item!r} is not key=value (e.g. \"conv_dim=4\")")
-        key, value = item.split("=", 1)
-        kwargs[key.strip()] = value.strip()
-    check_network_kwargs(kwargs)
-    return kwargs
-
-
-# The numbers among NETWORK_ARGS, checked at parse time (create_network converts them again as
-# it builds, after the model load): one parser per key, and the values' range.
-_NUMBER_ARGS = {
-    "conv_dim": (_int, 0, None), "conv_alpha": (_float, 0, None),
-    "rank_dropout": (_float, 0, 1), "module_dropout": (_float, 0, 1),
-    "block_dims": (_ints, 0, None), "conv_block_dims": (_ints, 0, None),
-    "block_alphas": (_floats, 0, None), "conv_block_alphas": (_floats, 0, None),
-    "block_lr_zero_threshold": (_float, 0, None), "loraplus_lr_ratio": (_float, 0, None),
-    "loraplus_unet_lr_ratio": (_float, 0, None), "loraplus_text_encoder_lr_ratio": (_float, 0, None),
-}
-
-
-def check_network_kwargs(kwargs):
-    unknown = sorted(k for k in kwargs if k not in NETWORK_ARGS)
-    if unknown:
-        hint = (" (neuron dropout is --network_dropout)" if "dropout" in unknown else "")
-        raise UserError(f"unknown network_args for networks.lora: {', '.join(unknown)}{hint}; "
-                        f"valid keys: {', '.join(NETWORK_ARGS)}")
-    for key, (parse, low, high) in _NUMBER_ARGS.items():
-        if kwargs.get(key) is None:
-            continue
-        values = parse(key, kwargs[key])
-        for v in values if isinstance(values, list) else [values]:
-            if not (math.isfinite(v) and v >= low and (high is None or v < high)):
-                bound = f"in [{low}, {high})" if high is not None else f"{low} or more"
-                raise UserError(f"network_args {key}={kwargs[key]!r}: each value must be {bound}")
-
-
-def _lr_weight_preset(key, spec):
-    tokens = spec.split("+")
-    name = tokens[0]
-    base = _float(key, tokens[1]) if len(tokens) > 1 else 0.0
-    n = SDXL_NUM_OF_BLOCKS
-    presets = {
-        "cosine": [math.sin(math.pi * (i / (n - 1)) / 2) + base for i in reversed(range(n))],
-        "sine": [math.sin(math.pi * (i / (n - 1)) / 2) + base for i in range(n)],
-        "linear": [i / (n - 1) + base for i in range(n)],
-        "reverse_linear": [i / (n - 1) + base for i in reversed(range(n))],
-        "zeros": [0.0 + base] * n,
-    }
-    if name not in presets:
-        raise UserError(f"network_args {key}={spec!r}: not a comma-separated list nor a preset "
-                        f"({', '.join(presets)}, optionally followed by +base)")
-    return presets[name]
-
-
-def _lr_weight_list(key, value):
-    if isinstance(value, (list, tuple)):
-        return [float(v) for v in value]
-    value = str(value)
-    if "," in value:                       # kohya: empty items are 0.0
-        return [_float(key, s) if s else 0.0 for s in value.split(",")]
-    return None
-
-
-def get_block_lr_weight(down_lr_weight=None, mid_lr_weight=None, up_lr_weight=None,
-                        zero_threshold=0.0):
-    """kohya's parse_block_lr_kwargs + get_block_lr_weight for SDXL: the 23 per-block LR
-    weights, or None when no *_lr_weight is given. Short lists are padded with 1.0, long ones
-    truncated (with kohya's warnings); weights <= zero_threshold become 0."""
-    if down_lr_weight is None and mid_lr_weight is None and up_lr_weight is None:
-        return None
-    n, n_mid = SDXL_NUM_OF_BLOCKS, SDXL_NUM_OF_MID_BLOCKS
-
-    def side(key, value):
-        if value is None:
-            return None
-        values = _lr_weight_list(key, value)
-        if values is None:
-            values = _lr_weight_preset(key, str(value)) if not _is_number(value) \
-                else [_float(key, value)]
-        return values
-
-    down = side("down_lr_weight", down_lr_weight)
-    up = side("up_lr_weight", up_lr_weight)
-    mid = None
-    if mid_lr_weight is not None:
-        mid = (list(map(float, mid_lr_weight)) if isinstance(mid_lr_weight, (list, tuple))
-               else [_float("mid_lr_weight", s) if s else 0.0
-                     for s in str(mid_lr_weight).split(",")])
-
-    def fit(values, length):
-        if values is None:
-            return [1.0] * length
-        values = values[:length] + [1.0] * max(0, length - len(values))
-        return [w if w > zero_threshold else 0 for w in values]
-
-    return [1.0] + fit(down, n) + fit(mid, n_mid) + fit(up, n) + [1.0]
-
-
-def _is_number(value):
-    try:
-        float(value)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 # =============================================================================================
@@ -856,23 +686,23 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, un
     conv_dim = kwargs.get("conv_dim")
     conv_alpha = kwargs.get("conv_alpha")
     if conv_dim is not None:
-        conv_dim = _int("conv_dim", conv_dim)
-        conv_alpha = 1.0 if conv_alpha is None else _float("conv_alpha", conv_alpha)
+        conv_dim = parse_int("conv_dim", conv_dim)
+        conv_alpha = 1.0 if conv_alpha is None else parse_float("conv_alpha", conv_alpha)
 
     block_dims = kwargs.get("block_dims")
     block_lr_weight = get_block_lr_weight(
         kwargs.get("down_lr_weight"), kwargs.get("mid_lr_weight"), kwargs.get("up_lr_weight"),
-        _float("block_lr_zero_threshold", kwargs.get("block_lr_zero_threshold", 0.0)))
+        parse_float("block_lr_zero_threshold", kwargs.get("block_lr_zero_threshold", 0.0)))
     block_alphas = conv_block_dims = conv_block_alphas = None
     if block_dims is not None or block_lr_weight is not None:
-        block_dims = (_ints("block_dims", block_dims) if block_dims is not None
+        block_dims = (parse_ints("block_dims", block_dims) if block_dims is not None
                       else [network_dim] * NUM_TOTAL_BLOCKS)
-        block_alphas = (_floats("block_alphas", kwargs["block_alphas"])
+        block_alphas = (parse_floats("block_alphas", kwargs["block_alphas"])
                         if kwargs.get("block_alphas") is not None
                         else [network_alpha] * NUM_TOTAL_BLOCKS)
         if kwargs.get("conv_block_dims") is not None:
-            conv_block_dims = _ints("conv_block_dims", kwargs["conv_block_dims"])
-            conv_block_alphas = (_floats("conv_block_alphas", kwargs["conv_block_alphas"])
+            conv_block_dims = parse_ints("conv_block_dims", kwargs["conv_block_dims"])
+            conv_block_alphas = (parse_floats("conv_block_alphas", kwargs["conv_block_alphas"])
                                  if kwargs.get("conv_block_alphas") is not None
                                  else [1.0 if conv_alpha is None else conv_alpha]
                                  * NUM_TOTAL_BLOCKS)
@@ -892,9 +722,9 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, un
                                 "kohya, where it is otherwise ignored")
 
     rank_dropout = kwargs.get("rank_dropout")
-    rank_dropout = None if rank_dropout is None else _float("rank_dropout", rank_dropout)
+    rank_dropout = None if rank_dropout is None else parse_float("rank_dropout", rank_dropout)
     module_dropout = kwargs.get("module_dropout")
-    module_dropout = None if module_dropout is None else _float("module_dropout", module_dropout)
+    module_dropout = None if module_dropout is None else parse_float("module_dropout", module_dropout)
     for key, p in (("network_dropout", neuron_dropout), ("rank_dropout", rank_dropout),
                    ("module_dropout", module_dropout)):
         if p is not None and not 0 <= float(p) < 1:
@@ -906,7 +736,7 @@ def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, un
                           conv_lora_dim=conv_dim, conv_alpha=conv_alpha, block_dims=block_dims,
                           block_alphas=block_alphas, conv_block_dims=conv_block_dims,
                           conv_block_alphas=conv_block_alphas)
-    ratios = [None if kwargs.get(k) is None else _float(k, kwargs[k]) for k in
+    ratios = [None if kwargs.get(k) is None else parse_float(k, kwargs[k]) for k in
               ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")]
     if any(r is not None for r in ratios):
         network.set_loraplus_lr_ratio(*ratios)
@@ -945,10 +775,10 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
     network.check_weights(weights_sd, source)
     block_lr_weight = get_block_lr_weight(
         kwargs.get("down_lr_weight"), kwargs.get("mid_lr_weight"), kwargs.get("up_lr_weight"),
-        _float("block_lr_zero_threshold", kwargs.get("block_lr_zero_threshold", 0.0)))
+        parse_float("block_lr_zero_threshold", kwargs.get("block_lr_zero_threshold", 0.0)))
     if block_lr_weight is not None:
         network.set_block_lr_weight(block_lr_weight)
-    ratios = [None if kwargs.get(k) is None else _float(k, kwargs[k]) for k in
+    ratios = [None if kwargs.get(k) is None else parse_float(k, kwargs[k]) for k in
               ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")]
     if any(r is not None for r in ratios):      # (kohya drops LoRA+ in this path)
         network.set_loraplus_lr_ratio(*ratios)
@@ -985,7 +815,6 @@ def _listing(items):
 def load_lora_file(path, unet_config=None):
     """Read a LoRA .safetensors into ({kohya key: float32 array}, metadata). Diffusers-named
     kohya keys and PEFT/diffusers-format keys are converted to kohya's SGM names."""
-    from library.models.checkpoint import refuse_pickle
     refuse_pickle(path)
     st = SafetensorsFile(path)
     sd = {k: np.asarray(st.get(k)) for k in st.keys()}
@@ -994,20 +823,6 @@ def load_lora_file(path, unet_config=None):
     refuse_non_finite(path, sd)
     return convert_to_kohya_keys(sd, st.metadata, unet_config), st.metadata
 
-
-def refuse_non_finite(path, tensors=None):
-    """A LoRA with NaN or infinite weights (saved by a diverged run) gives black images or a NaN
-    loss at once: refuse it, naming the first bad tensor. `tensors`: {key: array}, else read."""
-    if tensors is None:
-        from library.models.checkpoint import refuse_pickle
-        refuse_pickle(path)
-        st = SafetensorsFile(path)
-        tensors = {k: np.asarray(st.get(k)) for k in st.keys()}
-    for key in sorted(tensors):
-        value = tensors[key]
-        if np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
-            raise UserError(f"{path}: tensor {key} holds NaN or infinite values, so this LoRA "
-                            "cannot be used (it was saved by a run whose weights diverged)")
 
 
 # --- key styles ---

@@ -486,6 +486,39 @@ def test_number_errors_exit_2_with_one_line(tmp_path, script, argv, message):
     assert not (tmp_path / "out").exists()
 
 
+# A bad option of the trainer or the generator is reported before MindSpore is imported (its
+# import alone is about 2 s): what the process had imported when it stopped.
+_IMPORTED_AT_THE_ERROR = """
+import sys
+from library.errors import UserError
+import {script}
+try:
+    {script}.main({argv!r})
+except (UserError, SystemExit) as e:
+    print(type(e).__name__, e, "mindspore" in sys.modules)
+"""
+_TRAIN = ["--network_module", "networks.lora", "--pretrained_model_name_or_path", "{model}",
+          "--output_dir", "{out}", "--train_data_dir", "{out}"]
+
+
+@pytest.mark.parametrize("script, argv, error", [
+    ("sdxl_train_network", _TRAIN + ["--optimizer_type", "DAdaptAdam"],
+     "UserError --optimizer_type DAdaptAdam is not supported"),
+    ("sdxl_train_network", _TRAIN + ["--network_args", "conv_dimm=4"],
+     "UserError unknown network_args for networks.lora: conv_dimm"),
+    ("sdxl_gen_img", ["--ckpt", "{model}", "--outdir", "{out}", "--prompt", "a cat --w 60"],
+     "SystemExit 2"),
+])
+def test_bad_options_fail_before_mindspore_is_imported(tmp_path, script, argv, error):
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"")          # the checks that fail here do not read it
+    argv = [a.format(model=model, out=tmp_path / "out") for a in argv]
+    code = _IMPORTED_AT_THE_ERROR.format(script=script, argv=argv)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.stdout.startswith(error) and proc.stdout.rstrip().endswith("False"), \
+        proc.stdout + proc.stderr[-2000:]
+
 def test_config_file_numbers_are_checked_too(tmp_path):
     from library.training.args import parse_args
     cfg = tmp_path / "train.toml"

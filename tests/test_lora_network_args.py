@@ -6,7 +6,7 @@ import pytest
 
 from library.errors import UserError
 from library.models import build_sdxl
-from networks import lora
+from networks import lora, lora_args
 
 
 @pytest.fixture(scope="module")
@@ -19,14 +19,14 @@ def tes(m):
 
 
 def test_parse_network_args_like_kohya_and_strict():
-    assert lora.parse_network_args(["conv_dim=4", "conv_alpha=1", "down_lr_weight=1,,0.5"]) == \
+    assert lora_args.parse_network_args(["conv_dim=4", "conv_alpha=1", "down_lr_weight=1,,0.5"]) == \
         {"conv_dim": "4", "conv_alpha": "1", "down_lr_weight": "1,,0.5"}
     with pytest.raises(UserError, match="unknown network_args for networks.lora: conv_rank"):
-        lora.parse_network_args(["conv_rank=4"])
+        lora_args.parse_network_args(["conv_rank=4"])
     with pytest.raises(UserError, match="--network_dropout"):
-        lora.parse_network_args(["dropout=0.1"])
+        lora_args.parse_network_args(["dropout=0.1"])
     with pytest.raises(UserError, match="not key=value"):
-        lora.parse_network_args(["conv_dim"])
+        lora_args.parse_network_args(["conv_dim"])
 
 
 def test_unknown_or_bad_values_in_create_network(tiny):
@@ -64,16 +64,16 @@ def test_block_dims_and_alphas_per_block(tiny):
 
 
 def test_lr_weight_presets_and_threshold_as_kohya():
-    w = lora.get_block_lr_weight(down_lr_weight="cosine", up_lr_weight="linear+0.5",
+    w = lora_args.get_block_lr_weight(down_lr_weight="cosine", up_lr_weight="linear+0.5",
                                  mid_lr_weight="0.5,,2")
     cosine = [math.sin(math.pi * (i / 8) / 2) for i in reversed(range(9))]
     assert len(w) == 23 and w[0] == 1.0 and w[22] == 1.0
     assert w[1:10] == [c if c > 0 else 0 for c in cosine]            # last one is 0 -> 0
     assert w[10:13] == [0.5, 0, 2.0]
     assert w[13:22] == [i / 8 + 0.5 for i in range(9)]
-    short = lora.get_block_lr_weight(down_lr_weight="0.1,0.2", zero_threshold=0.15)
+    short = lora_args.get_block_lr_weight(down_lr_weight="0.1,0.2", zero_threshold=0.15)
     assert short[1:10] == [0, 0.2] + [1.0] * 7
-    assert lora.get_block_lr_weight() is None
+    assert lora_args.get_block_lr_weight() is None
 
 
 def test_param_groups(tiny):

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from conftest import ROOT, run_tool
 from library.data.loader import BatchLoader, batches_per_rank, shard_positions
-from library.training.distributed import World, world_from_env
+from library.training.world import World, world_from_env
 from library.errors import UserError
 
 

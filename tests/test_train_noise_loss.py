@@ -13,8 +13,8 @@ from mindspore import Tensor
 
 from library.errors import UserError
 from library.training import noise as N
-from library.training.losses import (DiffusionLoss, LossOptions, huber_c_per_timestep,
-                                     timestep_weights)
+from library.training.loss_options import LossOptions, huber_c_per_timestep, timestep_weights
+from library.training.losses import DiffusionLoss
 from library.training.noising import ForwardDiffusion
 from library.training.resample import area_resize, bilinear_resize
 

@@ -25,12 +25,13 @@ from library.errors import UserError, exit_on_user_error  # noqa: E402
 
 def preset_of_checkpoint(path):
     """The model preset of a single-file SDXL checkpoint, from its tensor shapes only."""
+    from library import file_checks
     from library.models import checkpoint, keymaps
     from library.safetensors_io import SafetensorsFile
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder: --model takes a single-file SDXL checkpoint; for a "
                         "diffusers folder pass --preset instead")
-    checkpoint.refuse_pickle(path)
+    file_checks.refuse_pickle(path)
     st = SafetensorsFile(path)
     keys = set(st.keys())
     checkpoint._check_is_sdxl(path, keys)

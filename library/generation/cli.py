@@ -74,7 +74,7 @@ def check_args(args):
     for path in args.network_weights or []:
         if not os.path.isfile(path):
             raise UserError(f"LoRA file not found: {path} (--network_weights)")
-        from networks.lora import refuse_non_finite
+        from library.file_checks import refuse_non_finite
         refuse_non_finite(path)     # before the model load, not after
     if args.vae and not os.path.exists(args.vae):
         raise UserError(f"--vae: not found: {args.vae}")

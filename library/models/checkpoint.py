@@ -6,7 +6,6 @@ fails listing the offending keys. Weights go into models built without random in
 
 import json
 import os
-import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from mindspore import Tensor
 
 from library import layers
 from library.errors import UserError
+from library.file_checks import is_hub_id, refuse_pickle
 from library.models import keymaps
 from library.models.config import PRESETS
 from library.safetensors_io import SafetensorsFile, write_safetensors
@@ -23,8 +23,6 @@ from library.safetensors_io import SafetensorsFile, write_safetensors
 COMPONENTS = ("unet", "text_encoder1", "text_encoder2", "vae")
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16,
           "fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
-_PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MAX_LISTED = 12
 
 
@@ -48,13 +46,6 @@ def resolve_dtype(dtype):
 
 
 # --- what a file is --------------------------------------------------------------------------
-
-def refuse_pickle(path):
-    path = Path(path)
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise UserError(f"{path}: pickle checkpoints ({path.suffix}) are refused, because loading "
-                        "them can run arbitrary code. Convert it to .safetensors with a tool you "
-                        "trust, or use the .safetensors release of the model")
 
 
 def _check_is_sdxl(path, keys):
@@ -319,8 +310,7 @@ def load(path_or_id, dtype="float32"):
         return load_diffusers_folder(path, dtype)
     if path.is_file():
         return load_single_file(path, dtype)
-    if _HUB_ID.match(str(path_or_id)) and not str(path_or_id).endswith((".safetensors",) +
-                                                                      _PICKLE_SUFFIXES):
+    if is_hub_id(path_or_id):
         return load_diffusers_folder(download_from_hub(str(path_or_id)), dtype)
     raise UserError(f"model not found: {path_or_id} (expected an SDXL .safetensors file, a "
                     "diffusers-format folder or a Hugging Face hub id like "

@@ -49,12 +49,12 @@ def _check_model_path(value):
     if not value:
         raise UserError("--pretrained_model_name_or_path is required: an SDXL .safetensors file, "
                         "a diffusers folder or a Hugging Face hub id")
-    from library.models.checkpoint import refuse_pickle, _HUB_ID
+    from library.file_checks import is_hub_id, refuse_pickle
     if os.path.exists(value):
         if os.path.isfile(value):
             refuse_pickle(value)
         return
-    if not _HUB_ID.match(value) or value.endswith(".safetensors"):
+    if not is_hub_id(value):
         raise UserError(f"--pretrained_model_name_or_path {value}: file not found")
 
 
@@ -126,21 +126,22 @@ class Plan:
 
 def prepare(args):
     """Everything that needs no model: arguments, contradictions, the dataset (images are only
-    opened for their size), the step counts. Errors here cost the user seconds, not minutes."""
+    opened for their size), the step counts. MindSpore is not imported yet (about 2 s): a bad
+    option or path fails at once."""
     from library.data.cache import check_cache_options
     from library.data.config import resolve_dataset_configs
     from library.data.dataset import build_dataset_groups
-    from library.training.losses import LossOptions
+    from library.training.loss_options import LossOptions
     from library.training.noise import NoiseOptions
     from library.training.optim import check_optimizer_options
     from library.training.samples import check_sample_options
     from library.training.schedules import LRScheduleOptions
     from library.training.validation import check_validation_options
     from library.data.loader import batches_per_rank
-    from library.training import distributed
-    from networks.lora import check_network_kwargs, parse_network_args
+    from library.training.world import world_from_env
+    from networks.lora_args import check_network_kwargs, parse_network_args
 
-    world = distributed.world()     # msrun's ranks (one process without msrun)
+    world = world_from_env(os.environ)     # msrun's ranks (one process without msrun)
     _check_contradictions(args)
     _check_model_path(args.pretrained_model_name_or_path)
     if args.vae and not os.path.exists(args.vae):
@@ -148,7 +149,7 @@ def prepare(args):
     if args.network_weights and not os.path.isfile(args.network_weights):
         raise UserError(f"--network_weights {args.network_weights}: file not found")
     if args.network_weights:
-        from networks.lora import refuse_non_finite
+        from library.file_checks import refuse_non_finite
         refuse_non_finite(args.network_weights)    # before the model load, not after
     _check_output_dir(args.output_dir)
     from library.arg_checks import check_folder_can_be_made
@@ -184,7 +185,9 @@ def prepare(args):
             args.seed = resume["seed"]      # the resumed run's data order and noise need it
     if args.seed is None:
         args.seed = random.randint(0, 2 ** 32 - 1)   # kohya draws one too; it is logged and saved
-        args.seed = distributed.rank0_int(world, args.seed)   # msrun: rank 0's seed for all
+        if world.distributed:   # msrun: rank 0's seed for all (MindSpore is imported by then)
+            from library.training import distributed
+            args.seed = distributed.rank0_int(world, args.seed)
     train_group, val_group = build_dataset_groups(resolve_dataset_configs(args), seed=args.seed)
     bucket_cap = None
     if args.max_bucket_count is not None:

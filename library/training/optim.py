@@ -9,32 +9,36 @@ names the optimizer and lists the supported ones, as is an --optimizer_args key 
 optimizer does not take.
 """
 
+from __future__ import annotations
+
 import ast
 import logging
-from typing import NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 from library.errors import UserError
-from library.training import optimizers
-from library.training.optimizers import ParamGroup
+
+if TYPE_CHECKING:   # the optimizer Cells import MindSpore: not before the options are checked
+    from library.training.optimizers import GroupedOptimizer, ParamGroup
 
 logger = logging.getLogger(__name__)
 
 _FLOAT, _BOOL, _PAIR, _OPTIONAL_FLOAT = "a number", "True or False", "a pair of numbers", "a number or None"
 
-# name -> (class, accepted --optimizer_args with their kind, kohya's optimizer class name for ss_optimizer)
+# name -> (class in library.training.optimizers, accepted --optimizer_args with their kind,
+#          kohya's optimizer class name for ss_optimizer)
 _SPECS = {
-    "adamw": (optimizers.AdamW, {"betas": _PAIR, "eps": _FLOAT, "weight_decay": _FLOAT},
+    "adamw": ("AdamW", {"betas": _PAIR, "eps": _FLOAT, "weight_decay": _FLOAT},
               "torch.optim.adamw.AdamW"),
-    "lion": (optimizers.Lion, {"betas": _PAIR, "weight_decay": _FLOAT, "decoupled_weight_decay": _BOOL},
+    "lion": ("Lion", {"betas": _PAIR, "weight_decay": _FLOAT, "decoupled_weight_decay": _BOOL},
              "lion_pytorch.lion_pytorch.Lion"),
-    "sgdnesterov": (optimizers.SGDNesterov, {"momentum": _FLOAT, "weight_decay": _FLOAT},
+    "sgdnesterov": ("SGDNesterov", {"momentum": _FLOAT, "weight_decay": _FLOAT},
                     "torch.optim.sgd.SGD"),
-    "adafactor": (optimizers.Adafactor,
+    "adafactor": ("Adafactor",
                   {"eps": _PAIR, "clip_threshold": _FLOAT, "decay_rate": _FLOAT, "beta1": _OPTIONAL_FLOAT,
                    "weight_decay": _FLOAT, "scale_parameter": _BOOL, "relative_step": _BOOL,
                    "warmup_init": _BOOL},
                   "transformers.optimization.Adafactor"),
-    "prodigy": (optimizers.Prodigy,
+    "prodigy": ("Prodigy",
                 {"betas": _PAIR, "beta3": _OPTIONAL_FLOAT, "eps": _FLOAT, "weight_decay": _FLOAT,
                  "decouple": _BOOL, "use_bias_correction": _BOOL, "safeguard_warmup": _BOOL,
                  "d0": _FLOAT, "d_coef": _FLOAT, "growth_rate": _FLOAT},
@@ -51,7 +55,7 @@ BITSANDBYTES = {"adamw8bit": "adamw", "pagedadamw8bit": "adamw", "pagedadamw": "
 
 
 class BuiltOptimizer(NamedTuple):
-    optimizer: optimizers.GroupedOptimizer
+    optimizer: GroupedOptimizer
     lr_scheduler: str        # the schedule to use: the requested one, or "adafactor" (see below)
     kohya_name: str          # for ss_optimizer: kohya writes "<class>(<args>)"
     kohya_args: str          # "k=v,..." as kohya logs the final kwargs
@@ -117,14 +121,14 @@ def check_optimizer_options(optimizer_type="", optimizer_args=None, use_8bit_ada
     """The optimizer's key and its parsed --optimizer_args, or a UserError; needs no parameters,
     so the trainer can check these before loading any model."""
     key = _optimizer_key(optimizer_type, use_8bit_adam, use_lion_optimizer)
-    cls, accepted, _ = _SPECS[key]
+    name, accepted, _ = _SPECS[key]
     kwargs = parse_optimizer_args(optimizer_args)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
-        raise UserError(f"--optimizer_args {', '.join(unknown)}: not accepted by {cls.__name__} "
+        raise UserError(f"--optimizer_args {', '.join(unknown)}: not accepted by {name} "
                         f"(it takes {', '.join(accepted)})")
     for k, v in kwargs.items():
-        _check_kind(cls.__name__, k, v, accepted[k])
+        _check_kind(name, k, v, accepted[k])
     return key, kwargs
 
 
@@ -140,12 +144,14 @@ def build_optimizer(groups: Sequence[ParamGroup], learning_rate: float, optimize
     """
     key, kwargs = check_optimizer_options(optimizer_type, optimizer_args, use_8bit_adam,
                                           use_lion_optimizer)
-    cls, accepted, kohya_name = _SPECS[key]
+    from library.training import optimizers
+    name, _, kohya_name = _SPECS[key]
+    cls = getattr(optimizers, name)
     requested = "AdamW8bit" if use_8bit_adam else optimizer_type
     if requested.lower() not in BITSANDBYTES:
         requested = ""
     else:
-        logger.warning(f"--optimizer_type {requested}: running {cls.__name__} with the same update "
+        logger.warning(f"--optimizer_type {requested}: running {name} with the same update "
                        f"rule and 32-bit state (bitsandbytes is CUDA-only; see the README, "
                        f"\"8-bit optimizers\"); ss_optimizer records it")
 
@@ -174,6 +180,6 @@ def build_optimizer(groups: Sequence[ParamGroup], learning_rate: float, optimize
     try:
         optimizer = cls(groups, **extra, **kwargs)
     except ValueError as e:  # the optimizers' own checks of their arguments
-        raise UserError(f"--optimizer_type {cls.__name__}: {e}") from None
+        raise UserError(f"--optimizer_type {name}: {e}") from None
     kohya_args = ",".join(f"{k}={v}" for k, v in kwargs.items())
     return BuiltOptimizer(optimizer, lr_scheduler, kohya_name, kohya_args, requested)

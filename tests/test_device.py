@@ -19,11 +19,13 @@ def test_the_generator_keeps_mindspore_s_dispatch_default(tmp_path):
     import subprocess
     import sys
     from conftest import ROOT
+    # a missing model fails at its load, after the device is configured
+    missing = tmp_path / "missing.safetensors"
     script = (
         "import mindspore as ms, sdxl_gen_img\n"
         "try:\n"
-        f"    sdxl_gen_img.main(['--ckpt', 'none', '--outdir', {str(tmp_path)!r}, '--prompt', 'x',\n"
-        "                       '--static_shapes', '--no_compile'])\n"
+        f"    sdxl_gen_img.main(['--ckpt', {str(missing)!r}, '--outdir', {str(tmp_path)!r},\n"
+        "                       '--prompt', 'x'])\n"
         "except SystemExit as exit:\n"
         "    assert exit.code == 2, exit.code\n"
         "ms.runtime.dispatch_threads_num(2)\n"
@@ -31,3 +33,16 @@ def test_the_generator_keeps_mindspore_s_dispatch_default(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert proc.returncode == 0 and "left unset" in proc.stdout, proc.stderr[-2000:]
+    assert "model not found" in proc.stderr, proc.stderr[-2000:]     # the load was reached
+
+
+@pytest.mark.parametrize("version, target, warned", [
+    ("2.7.1", "CPU", False), ("2.8.0", "CPU", False), ("2.9.0", "CPU", True),
+    ("2.10.0", "CPU", True), ("2.10.0", "Ascend", False),
+])
+def test_mindspore_releases_with_a_slow_cpu_convolution_are_named(version, target, warned):
+    from library.device import slow_cpu_convolution
+    warning = slow_cpu_convolution(version, target)
+    assert bool(warning) == warned
+    if warned:
+        assert f"MindSpore {version} on CPU" in warning and "2.7.1 or 2.8.0" in warning

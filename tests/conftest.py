@@ -23,6 +23,10 @@ def _tool_env(env):
 SHARED_GRAPH_ARGS = ("--network_module", "networks.lora", "--resolution", "64", "--network_dim", "8",
                      "--network_train_unet_only", "--cache_latents", "--cache_text_encoder_outputs")
 
+# A LoRA on one UNet block only (kohya's block_dims: the middle block's first slot): a PyNative
+# CLI run's step then costs seconds, not tens of seconds, for tests about everything but the LoRA.
+ONE_BLOCK = "block_dims=" + ",".join("4" if i == 11 else "0" for i in range(23))
+
 
 def run_tool(*args, check=True, env=None):
     """Run a project script as a user would; returns the CompletedProcess (text mode)."""

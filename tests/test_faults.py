@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED_GRAPH_ARGS, run_tool
+from conftest import ONE_BLOCK, ROOT, SHARED_GRAPH_ARGS, run_tool
 from library.errors import UserError
 
 
@@ -202,8 +202,6 @@ def test_a_signal_stops_a_graph_loop_at_its_end_and_a_second_one_at_once(signals
 # In graph mode on the suite's shared step graph where the run trains many steps (Ctrl-C),
 # otherwise PyNative with a LoRA on one UNet block (seconds a step, and no compile-cache files
 # to write under a file-size limit).
-
-ONE_BLOCK = "block_dims=" + ",".join("4" if i == 11 else "0" for i in range(23))
 
 
 @pytest.fixture(scope="module")

@@ -453,7 +453,7 @@ def test_zero_means_off_for_save_counts_as_in_kohya_configs():
 ])
 def test_generator_numbers_out_of_range(argv, fragment):
     from library.generation.cli import check_args
-    from sdxl_gen_img import setup_parser
+    from library.generation.args import setup_parser
     args = setup_parser().parse_args(["--ckpt", "x.safetensors", "--prompt", "a cat", *argv])
     with pytest.raises(UserError, match="^" + fragment.replace(".", r"\.")):
         check_args(args)
@@ -565,7 +565,7 @@ def test_a_non_finite_lora_is_refused_by_trainer_generator_and_loader(tmp_path, 
     from library.training.args import parse_args
     from library.training.loop import prepare
     from networks.lora import load_lora_file
-    from sdxl_gen_img import setup_parser
+    from library.generation.args import setup_parser
     fragment = (f"{nan_lora}: tensor lora_unet_input_blocks_4_1_proj_in.lora_up.weight holds NaN "
                 "or infinite values")
     _, args = parse_args(["--pretrained_model_name_or_path", str(fake_model), "--network_module",
@@ -609,7 +609,7 @@ def test_trainer_paths_are_checked_before_the_model_loads(tmp_path, fake_model, 
 
 def test_generator_outdir_under_a_file_is_refused_before_generating(tmp_path):
     from library.generation.cli import check_args
-    from sdxl_gen_img import setup_parser
+    from library.generation.args import setup_parser
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     args = setup_parser().parse_args(["--ckpt", "x.safetensors", "--prompt", "a cat",

@@ -14,6 +14,7 @@ import time
 
 from library.errors import UserError
 from library.generation import prompts as prompt_lib
+from library.generation.args import NO_EFFECT
 from library.generation import samplers
 from library.generation.pipeline import (GenerationOptions, ImageRequest, Pipeline, check_size,
                                          write_png)
@@ -34,7 +35,6 @@ def _setup_logging(args):
 
 
 def _notices(args):
-    from sdxl_gen_img import NO_EFFECT
     for name, why in NO_EFFECT.items():
         value = getattr(args, name[2:])
         if value not in (None, False):

@@ -14,7 +14,6 @@ op). Both tables are per step; the sums are the time the kernels account for.
 
 import argparse
 import collections
-import csv
 import glob
 import json
 import os
@@ -32,7 +31,7 @@ def run_ms(preset, latent, steps, dynamic, top, outdir):
     """Build, compile, warm up, then profile `steps` grad steps into `outdir`."""
     import mindspore as ms
     from library import device
-    from library.training.loop import _to_tensors
+    from library.training.batches import to_tensors
     from library.training.step import dynamic_signature
     from train_step import build_run
     device.configure()
@@ -43,7 +42,7 @@ def run_ms(preset, latent, steps, dynamic, top, outdir):
         t = build_run(preset, latent, ckpt, workdir, steps)
         batch = next(iter(t.loader.epoch(1)))
         t.loader.close()
-    inputs = [_to_tensors(t.assembler(batch)[0]) for _ in range(steps + 2)]
+    inputs = [to_tensors(t.assembler(batch)[0]) for _ in range(steps + 2)]
     if dynamic:
         t.grad_step.set_inputs(*dynamic_signature(inputs[0], t.grad_step.layout))
     grad_fn = ms.jit(t.grad_step.construct)

@@ -103,14 +103,14 @@ def run_case(preset, mode, latent, steps, ckpt):
     import mindspore as ms
     import numpy as np
     from library import device
-    from library.training.loop import _to_tensors
+    from library.training.batches import to_tensors
     device.configure()
     set_mindspore_threads()
     with tempfile.TemporaryDirectory(prefix="train_bench_") as workdir:
         t = build_run(preset, latent, ckpt, workdir, steps)
         batch = next(iter(t.loader.epoch(1)))
         t.loader.close()
-    inputs = [_to_tensors(t.assembler(batch)[0]) for _ in range(steps + 1)]
+    inputs = [to_tensors(t.assembler(batch)[0]) for _ in range(steps + 1)]
     if mode == "graph":
         t.grad_step.flat.compiled_writes = True     # as compile.step_graphs sets it
         grad_fn, apply_fn = ms.jit(t.grad_step.construct), ms.jit(t.apply_step.construct)

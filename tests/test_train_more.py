@@ -19,7 +19,8 @@ from library.safetensors_io import SafetensorsFile
 from networks.lora import is_lora_parameter_name
 from library.training import loop
 from library.training.args import parse_args
-from library.training.loop import _to_tensors, build_training, load_models, prepare
+from library.training.batches import to_tensors
+from library.training.loop import build_training, load_models, prepare
 from library.training.step import ApplyStep
 
 LR, MOMENTUM = 1e-2, 0.9
@@ -62,7 +63,7 @@ def numpy_of(params):
 def first_batch_inputs(training):
     batch = next(iter(training.loader.epoch(1)))
     training.loader.close()
-    return _to_tensors(training.assembler(batch)[0])
+    return to_tensors(training.assembler(batch)[0])
 
 
 def per_parameter(flat, vectors):

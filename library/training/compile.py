@@ -155,11 +155,11 @@ def representative_inputs(group, seed, loader_kwargs, assembler, count=None):
     """The step inputs of one real batch per distinct batch shape (the first `count` of them),
     decoded as training does."""
     from library.data.loader import BatchLoader
-    from library.training.loop import _to_tensors
+    from library.training.batches import to_tensors
     loader = BatchLoader(_Representatives(group, batch_shapes(group, seed)[:count]), seed, 0,
                          **loader_kwargs)
     try:
-        return [_to_tensors(assembler(batch)[0]) for batch in loader.epoch(1)]
+        return [to_tensors(assembler(batch)[0]) for batch in loader.epoch(1)]
     finally:
         loader.close()
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from library.errors import UserError
+from library.training.batches import BatchAssembler, to_tensors
 
 logger = logging.getLogger("sdxl_train_network")
 
@@ -245,78 +246,6 @@ def _weight_dtypes(args):
     lora = weight if (args.full_fp16 or args.full_bf16) else ms.float32
     vae = ms.float32 if args.no_half_vae else weight
     return weight, lora, vae
-
-
-# A batch's random numbers come from generators seeded by (seed, stream, epoch, batch index):
-# they depend on the batch alone, not on what ran before it (resume, data-parallel ranks).
-NOISE_STREAM, VAE_STREAM = 0, 1
-
-
-class BatchAssembler:
-    """From the loader's sample dicts to the step's input tensors, with this batch's noise."""
-
-    def __init__(self, models, layout, noise_sampler, args, tokenizers):
-        self.layout = layout
-        self.noise_sampler = noise_sampler
-        self.max_token_length = args.max_token_length
-        self.tokenizers = tokenizers
-        self.seed = args.seed
-        self.downscale = models.config.vae.downscale
-
-    def _text(self, captions, samples):
-        from library.conditioning import merge_weights
-        from library.text import tokenize_chunks, tokenize_weighted
-        if self.layout.text_cached:
-            return (np.stack([s["text_context"] for s in samples]).astype(np.float32),
-                    np.stack([s["text_pooled"] for s in samples]).astype(np.float32),
-                    np.zeros(1, np.float32), np.zeros(1, np.float32))
-        tok1, tok2 = self.tokenizers
-        if self.layout.weighted:
-            ids1, w1 = tokenize_weighted(tok1, captions, self.max_token_length)
-            ids2, w2 = tokenize_weighted(tok2, captions, self.max_token_length)
-            return ids1, ids2, merge_weights(w1), merge_weights(w2)
-        return (tokenize_chunks(tok1, captions, self.max_token_length),
-                tokenize_chunks(tok2, captions, self.max_token_length),
-                np.zeros(1, np.float32), np.zeros(1, np.float32))
-
-    def __call__(self, samples):
-        from library.training.resample import area_resize
-        key = samples[0]["batch_key"]
-        if self.layout.latents_cached:
-            pixels = np.stack([s["latents"] for s in samples]).astype(np.float32)
-            latent_shape = pixels.shape
-            vae_noise = np.zeros(1, np.float32)
-        else:
-            pixels = np.stack([s["image"] for s in samples]).astype(np.float32)
-            b, _, h, w = pixels.shape
-            latent_shape = (b, 4, h // self.downscale, w // self.downscale)
-            vae_noise = np.random.default_rng([self.seed, VAE_STREAM, *key]).standard_normal(
-                latent_shape).astype(np.float32)
-        captions = [s["caption"] for s in samples]
-        text = self._text(captions, samples)
-
-        def pairs(key):
-            return np.array([s[key] for s in samples], dtype=np.float32)
-
-        draws = self.noise_sampler.draw(latent_shape, (NOISE_STREAM, *key))
-        mask = np.zeros(1, np.float32)
-        if self.layout.masked:
-            masks = [s["alpha_mask"] if s.get("alpha_mask") is not None
-                     else np.ones(latent_shape[2:], np.float32) for s in samples]
-            mask = np.stack([area_resize(np.asarray(m, np.float32), latent_shape[2:])
-                             for m in masks])[:, None]
-        loss_weights = pairs("loss_weight")
-        inputs = (pixels, vae_noise, *text, pairs("original_size_hw"), pairs("crop_top_left"),
-                  pairs("target_size_hw"), draws.noise, draws.offset_noise,
-                  np.float32(draws.offset_strength), draws.pyramid, draws.ip_noise,
-                  np.float32(draws.ip_strength), draws.timesteps.astype(np.int32), loss_weights,
-                  mask)
-        return inputs, draws.timesteps
-
-
-def _to_tensors(arrays):
-    from mindspore import Tensor
-    return tuple(Tensor(np.asarray(a)) for a in arrays)
 
 
 def _build_network(args, models, net_kwargs, lora_dtype):
@@ -612,7 +541,7 @@ def _train(plan, stop):
                 arrays, _ = assembler(batch)
                 shape = tuple(arrays[0].shape)
                 t0 = time.time()
-                loss, per_sample = grad_fn(*_to_tensors(arrays))
+                loss, per_sample = grad_fn(*to_tensors(arrays))
                 loss = distributed.mean_scalar(world, float(loss.asnumpy()))   # over the ranks
                 if not args.pynative and not compiles.covers(shape):    # --static_shapes
                     compiles.add("grad_step", time.time() - t0, shape)

@@ -87,7 +87,7 @@ class Validation:
         import mindspore as ms
         from library.data.loader import BatchLoader
         from library.training.step import ForwardLoss
-        from library.training.loop import BatchAssembler
+        from library.training.batches import BatchAssembler
         from library.training.noise import NoiseSampler
 
         self.models = training.models
@@ -144,9 +144,9 @@ class Validation:
         return float(np.mean(losses))
 
     def _loss(self, arrays):
-        from library.training.loop import _to_tensors
+        from library.training.batches import to_tensors
         from library.training.step import dynamic_signature
-        tensors = _to_tensors(arrays)
+        tensors = to_tensors(arrays)
         shape = tuple(arrays[0].shape)
         if self.dynamic:
             if not self.compiled:       # before the first (and only) compile

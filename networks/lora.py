@@ -19,7 +19,7 @@ inside the models' cell trees, and it keeps the list of them.
 """
 
 import math
-from collections import namedtuple
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import mindspore as ms
@@ -50,7 +50,12 @@ SAVE_DTYPES = {None: None, "float": "float32", "float32": "float32", "fp32": "fl
                "fp16": "float16", "float16": "float16", "bf16": "bfloat16",
                "bfloat16": "bfloat16"}
 
-ParamGroup = namedtuple("ParamGroup", ["params", "lr", "description"])
+class ParamGroup(NamedTuple):
+    """One optimizer group: its Parameters, learning rate and a name for logs (kohya's
+    prepare_optimizer_params returns these; library/training/optimizers.py takes them)."""
+    params: Sequence
+    lr: float
+    description: str
 
 
 # =============================================================================================

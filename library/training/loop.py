@@ -426,8 +426,8 @@ def _train(plan, stop):
         log.event("bucket_cap", **plan.bucket_cap.as_dict())
     sample = TrainingSampler(args, t.models, log=log, writer=world.is_main)
     validation = Validation(plan, t, compile=not args.pynative, log=log)
-    save_dtype = {None: None, "float": "float32", "fp16": "float16", "bf16": "bfloat16"}[
-        args.save_precision]
+    from networks.lora import SAVE_DTYPES
+    save_dtype = SAVE_DTYPES[args.save_precision]
     if world.is_main:
         warn_if_disk_short(args, plan, trainable, t.apply_step, save_dtype, sample.prompts)
 

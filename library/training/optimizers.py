@@ -26,14 +26,9 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
 
 from library.training.flat import FlatLayout
+from networks.lora import ParamGroup
 
 F32 = ms.float32
-
-
-class ParamGroup(NamedTuple):
-    params: Sequence[Parameter]
-    lr: float
-    description: str
 
 
 def _f32(value):

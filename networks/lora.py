@@ -38,7 +38,6 @@ UNET_PREFIX = "lora_unet"
 TE_PREFIXES = ("lora_te1", "lora_te2")
 SD1_TE_PREFIX = "lora_te"
 
-
 # Our classes for kohya's class-name target lists (lora.py:862-875):
 #   Transformer2DModel -> SpatialTransformer; ResnetBlock2D -> ResBlock;
 #   Downsample2D / Upsample2D -> Downsample / Upsample; CLIPAttention, CLIPMLP -> same names.
@@ -49,6 +48,7 @@ TEXT_ENCODER_TARGET_CLASSES = ("CLIPAttention", "CLIPMLP")
 SAVE_DTYPES = {None: None, "float": "float32", "float32": "float32", "fp32": "float32",
                "fp16": "float16", "float16": "float16", "bf16": "bfloat16",
                "bfloat16": "bfloat16"}
+
 
 class ParamGroup(NamedTuple):
     """One optimizer group: its Parameters, learning rate and a name for logs (kohya's

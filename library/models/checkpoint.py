@@ -47,7 +47,6 @@ def resolve_dtype(dtype):
 
 # --- what a file is --------------------------------------------------------------------------
 
-
 def _check_is_sdxl(path, keys):
     if any(k.startswith(("lora_unet_", "lora_te", "lora_te1_", "lora_te2_")) or ".lora_down." in k
            or ".lora_A." in k or ".lora.down." in k for k in keys):

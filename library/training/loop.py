@@ -140,7 +140,7 @@ def prepare(args):
     from library.training.validation import check_validation_options
     from library.data.loader import batches_per_rank
     from library.training.world import world_from_env
-    from networks.lora_args import check_network_kwargs, parse_network_args
+    from networks.lora_args import parse_network_args
 
     world = world_from_env(os.environ)     # msrun's ranks (one process without msrun)
     _check_contradictions(args)
@@ -162,8 +162,7 @@ def prepare(args):
 
     check_optimizer_options(args.optimizer_type, args.optimizer_args, args.use_8bit_adam,
                             use_lion_optimizer=args.use_lion_optimizer)
-    net_kwargs = parse_network_args(args.network_args)
-    check_network_kwargs(net_kwargs)
+    net_kwargs = parse_network_args(args.network_args)     # checks the keys and their values
     noise_options = NoiseOptions(
         noise_offset=args.noise_offset, noise_offset_random_strength=args.noise_offset_random_strength,
         adaptive_noise_scale=args.adaptive_noise_scale,

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 from library.errors import UserError
 
 if TYPE_CHECKING:   # the optimizer Cells import MindSpore: not before the options are checked
-    from library.training.optimizers import GroupedOptimizer, ParamGroup
+    from library.training.optimizers import GroupedOptimizer
+    from networks.lora import ParamGroup
 
 logger = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from library.errors import UserError
+
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                              "configs", "clip_tokenizer")
 MAX_LENGTH = 77
@@ -83,69 +85,67 @@ def _chunk(tokenizer, ids):
 
 
 # ------------------------------------------------------------------------- weighted captions
-# A1111's attention syntax, as kohya's training parser (strategy_base.TokenizeStrategy
-# ._get_weighted_input_ids.parse_prompt_attention) reads it.
+# A1111's attention syntax, one parser for both of kohya's readers: the trainer's weighted
+# captions (strategy_base.TokenizeStrategy._get_weighted_input_ids.parse_prompt_attention) and
+# the generator's prompts (sdxl_gen_img.py:942-1049), which add BREAK.
 _RE_ATTENTION = re.compile(r"""
-\\\(|
-\\\)|
-\\\[|
-\\]|
-\\\\|
-\\|
-\(|
-\[|
-:([+-]?[.\d]+)\)|
-\)|
-]|
-[^\\()\[\]:]+|
-:
+\\\(|\\\)|\\\[|\\]|\\\\|\\|     # escaped brackets and backslashes, or a lone backslash
+\(|\[|                          # openers
+:([+-]?[.\d]+)\)|               # ':weight)' closes a round bracket with an explicit weight
+\)|]|                           # closers
+[^\\()\[\]:]+|                  # plain text
+:                               # a colon that is not a weight
 """, re.X)
+ROUND, SQUARE = 1.1, 1 / 1.1
 
 
-def parse_prompt_attention(text):
+def parse_prompt_attention(text, breaks=False):
     """[[text, weight], ...] for A1111 attention syntax: `(x)` multiplies by 1.1, `[x]` divides
-    by 1.1, `(x:w)` multiplies by w, `\\(` `\\)` `\\[` `\\]` `\\\\` are literals; unclosed
-    brackets still apply to the rest, and runs of equal weight are merged.
+    by 1.1, `(x:w)` multiplies by w, nested brackets multiply, unclosed brackets apply to the rest,
+    unmatched closers are text, `\\(` `\\)` `\\[` `\\]` `\\\\` are literals, and runs of equal
+    weight are merged. With `breaks` (the generator's syntax) BREAK stays a piece of its own.
 
     >>> parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")[:2]
     [['a ', 1.0], ['house', 1.5730000000000004]]
     """
-    res, round_brackets, square_brackets = [], [], []
+    pieces, round_open, square_open = [], [], []
 
-    def multiply_range(start, multiplier):
-        for p in range(start, len(res)):
-            res[p][1] *= multiplier
+    def scale_from(start, factor):
+        for piece in pieces[start:]:
+            piece[1] *= factor
 
-    for m in _RE_ATTENTION.finditer(text):
-        piece, weight = m.group(0), m.group(1)
-        if piece.startswith("\\"):
-            res.append([piece[1:], 1.0])
-        elif piece == "(":
-            round_brackets.append(len(res))
-        elif piece == "[":
-            square_brackets.append(len(res))
-        elif weight is not None and round_brackets:
-            multiply_range(round_brackets.pop(), float(weight))
-        elif piece == ")" and round_brackets:
-            multiply_range(round_brackets.pop(), 1.1)
-        elif piece == "]" and square_brackets:
-            multiply_range(square_brackets.pop(), 1 / 1.1)
+    for m in _RE_ATTENTION.finditer(text.replace("BREAK", "\\BREAK\\") if breaks else text):
+        token, weight = m.group(0), m.group(1)
+        if token.startswith("\\"):
+            pieces.append([token[1:], 1.0])
+        elif token == "(":
+            round_open.append(len(pieces))
+        elif token == "[":
+            square_open.append(len(pieces))
+        elif weight is not None and round_open:
+            try:
+                scale_from(round_open.pop(), float(weight))
+            except ValueError:  # the pattern admits "1.2.3", which kohya then crashes on
+                raise UserError(f"bad prompt weight {weight!r} in {text!r}") from None
+        elif token == ")" and round_open:
+            scale_from(round_open.pop(), ROUND)
+        elif token == "]" and square_open:
+            scale_from(square_open.pop(), SQUARE)
         else:
-            res.append([piece, 1.0])
-    for pos in round_brackets:
-        multiply_range(pos, 1.1)
-    for pos in square_brackets:
-        multiply_range(pos, 1 / 1.1)
-    if not res:
-        res = [["", 1.0]]
-    i = 0
-    while i + 1 < len(res):
-        if res[i][1] == res[i + 1][1]:
-            res[i][0] += res[i + 1][0]
-            res.pop(i + 1)
+            pieces.append([token, 1.0])
+    for start in round_open:
+        scale_from(start, ROUND)
+    for start in square_open:
+        scale_from(start, SQUARE)
+
+    merged = []
+    for piece in pieces or [["", 1.0]]:
+        if merged and merged[-1][1] == piece[1] and not (
+                breaks and "BREAK" in (merged[-1][0].strip(), piece[0].strip())):
+            merged[-1][0] += piece[0]
         else:
-            i += 1
-    return res
+            merged.append(piece)
+    return merged
 
 
 def _weighted_ids(tokenizer, text, length):

@@ -12,7 +12,7 @@ import pytest
 
 from library.errors import UserError
 from library.generation import prompts
-from library.text import load_tokenizers
+from library.text import load_tokenizers, parse_prompt_attention
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "gen_golden" / "prompts.json").read_text())
 TABLE = np.random.default_rng(0).standard_normal((49408, 8)).astype(np.float32)
@@ -20,7 +20,7 @@ TABLE = np.random.default_rng(0).standard_normal((49408, 8)).astype(np.float32)
 
 @pytest.mark.parametrize("text,expected", GOLDEN["attention"], ids=[a[0] or "empty" for a in GOLDEN["attention"]])
 def test_attention_parsing_matches_kohya(text, expected):
-    got = prompts.parse_prompt_attention(text)
+    got = parse_prompt_attention(text, breaks=True)
     assert [t for t, _ in got] == [t for t, _ in expected]
     np.testing.assert_allclose([w for _, w in got], [w for _, w in expected], rtol=1e-6)
 
@@ -73,7 +73,7 @@ def test_unreadable_prompt_files_are_user_errors(tmp_path):
 
 def test_bad_weight_is_a_user_error():
     with pytest.raises(UserError, match="bad prompt weight '1.2.3'"):
-        prompts.parse_prompt_attention("(cat:1.2.3)")
+        parse_prompt_attention("(cat:1.2.3)", breaks=True)
 
 
 def test_seeds_reuse_the_last_one():

@@ -14,6 +14,7 @@ from typing import List, Optional
 import numpy as np
 
 from library.errors import UserError, read_utf8
+from library.text import parse_prompt_attention
 
 logger = logging.getLogger(__name__)
 
@@ -123,63 +124,7 @@ def seed_for_image(seeds, index):
 
 
 # ---------------------------------------------------------------------------------------------
-# Weighting: (a), (a:1.3), [a], escapes, BREAK (sdxl_gen_img.py:942-1049)
-
-_ATTENTION = re.compile(r"""
-\\\(|\\\)|\\\[|\\]|\\\\|\\|     # escaped brackets and backslashes, or a lone backslash
-\(|\[|                          # openers
-:([+-]?[.\d]+)\)|               # ':weight)' closes a round bracket with an explicit weight
-\)|]|                           # closers
-[^\\()\[\]:]+|                  # plain text
-:                               # a colon that is not a weight
-""", re.X)
-ROUND, SQUARE = 1.1, 1 / 1.1
-
-
-def parse_prompt_attention(text):
-    """[(text, weight), ...] as kohya parses A1111-style emphasis.
-
-    (a) x1.1, [a] /1.1, (a:w) xw, nested brackets multiply, unclosed brackets apply to the end,
-    unmatched closers are text, \\( \\) \\[ \\] \\\\ are literals, BREAK stays a piece of its own, and
-    neighbouring pieces with equal weights are merged.
-    """
-    pieces, round_open, square_open = [], [], []
-
-    def scale_from(start, factor):
-        for piece in pieces[start:]:
-            piece[1] *= factor
-
-    for m in _ATTENTION.finditer(text.replace("BREAK", "\\BREAK\\")):
-        token, weight = m.group(0), m.group(1)
-        if token.startswith("\\"):
-            pieces.append([token[1:], 1.0])
-        elif token == "(":
-            round_open.append(len(pieces))
-        elif token == "[":
-            square_open.append(len(pieces))
-        elif weight is not None and round_open:
-            try:
-                scale_from(round_open.pop(), float(weight))
-            except ValueError:  # kohya's pattern admits "1.2.3", which then crashes float()
-                raise UserError(f"bad prompt weight {weight!r} in {text!r}") from None
-        elif token == ")" and round_open:
-            scale_from(round_open.pop(), ROUND)
-        elif token == "]" and square_open:
-            scale_from(square_open.pop(), SQUARE)
-        else:
-            pieces.append([token, 1.0])
-    for start in round_open:
-        scale_from(start, ROUND)
-    for start in square_open:
-        scale_from(start, SQUARE)
-
-    merged = []
-    for piece in pieces or [["", 1.0]]:
-        if merged and merged[-1][1] == piece[1] and "BREAK" not in (merged[-1][0].strip(), piece[0].strip()):
-            merged[-1][0] += piece[0]
-        else:
-            merged.append(piece)
-    return [(t, w) for t, w in merged]
+# Weighting: (a), (a:1.3), [a], escapes, BREAK (the parser is library/text.py's)
 
 
 def prompt_tokens(tokenizer, text, max_tokens):
@@ -190,7 +135,7 @@ def prompt_tokens(tokenizer, text, max_tokens):
     counts 77 here although chunks hold 75 prompt tokens; kept for identical output).
     """
     ids, weights = [], []
-    for piece, weight in parse_prompt_attention(text):
+    for piece, weight in parse_prompt_attention(text, breaks=True):
         if piece.strip() == "BREAK":
             pad = CHUNK - len(ids) % CHUNK
             ids += [tokenizer.pad_token_id] * pad

@@ -81,32 +81,41 @@ _UNSUPPORTED = {
 _DYNAMIC = re.compile(r"\{((e|E)\$\$)?(([\d\-]+)\$\$)?(([^\|\}]+?)\$\$)?(.+?((\|).+?)*?)\}")
 
 
-def parse_prompt_line(raw, where="prompt"):
-    """A PromptLine from one line: text, then options each introduced by " --" (kohya splits on
-    exactly that), matched case-insensitively. `where` names the line in errors ("file.txt:3")."""
-    if _DYNAMIC.search(raw):
-        raise UserError(f"{where}: dynamic prompts ({{a|b}}) are not supported: {raw.strip()!r}")
+def parse_line_options(raw, options, where, unsupported=None):
+    """kohya's in-prompt option syntax, shared by generator prompts and training samples: the
+    text, then options each introduced by " --" (kohya splits on exactly that), names matched
+    case-insensitively. `options` maps a name to (field, value pattern, converter); returns
+    (text, {field: value}). `unsupported` maps names kohya reads and this port refuses to why."""
+    unsupported = unsupported or {}
     parts = raw.strip().split(" --")
-    line = PromptLine(prompt=parts[0], raw=raw)
+    values = {}
     for part in parts[1:]:
         name, _, value = part.partition(" ")
         key = name.lower()
-        if key in _UNSUPPORTED:
-            raise UserError(f"{where}: in-prompt option --{name} ({_UNSUPPORTED[key]}) is not supported")
-        if key not in _OPTIONS:
+        if key in unsupported:
+            raise UserError(f"{where}: in-prompt option --{name} ({unsupported[key]}) is not supported")
+        if key not in options:
             raise UserError(f"{where}: unknown in-prompt option --{name}; "
-                            f"known: {', '.join('--' + k for k in _OPTIONS)}")
-        attr, pattern, convert = _OPTIONS[key]
+                            f"known: {', '.join('--' + k for k in options)}")
+        field_name, pattern, convert = options[key]
         # Text options keep their value verbatim (kohya's `(.+)`); others may not carry trailing
         # junk, which kohya's prefix match would silently drop (`--w 512px` -> 512).
         value = value if pattern == r".+" else value.rstrip()
         if not re.fullmatch(pattern, value):
             raise UserError(f"{where}: bad value for --{name}: {value!r}")
         try:
-            setattr(line, attr, convert(value))
+            values[field_name] = convert(value)
         except ValueError:
             raise UserError(f"{where}: bad value for --{name}: {value!r}") from None
-    return line
+    return parts[0], values
+
+
+def parse_prompt_line(raw, where="prompt"):
+    """A PromptLine from one generator prompt line. `where` names the line in errors ("file.txt:3")."""
+    if _DYNAMIC.search(raw):
+        raise UserError(f"{where}: dynamic prompts ({{a|b}}) are not supported: {raw.strip()!r}")
+    text, values = parse_line_options(raw, _OPTIONS, where, _UNSUPPORTED)
+    return PromptLine(prompt=text, raw=raw, **values)
 
 
 def read_prompt_file(path):

@@ -34,14 +34,13 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional
 
-from library.errors import UserError
-from library.errors import read_utf8
+from library.errors import UserError, read_utf8
+from library.generation.prompts import parse_line_options
 
 logger = logging.getLogger(__name__)
 
@@ -96,25 +95,10 @@ _KEY_TYPES = {"prompt": str, "negative_prompt": str, "width": int, "height": int
 
 
 def parse_sample_line(raw, where):
-    """kohya's line_to_prompt_dict, strictly: the text, then options each introduced by " --"
-    (case-insensitive names). Returns the dict form."""
-    parts = raw.strip().split(" --")
-    entry = {"prompt": parts[0]}
-    for part in parts[1:]:
-        name, _, value = part.partition(" ")
-        key = name.lower()
-        if key not in _LINE_OPTIONS:
-            raise UserError(f"{where}: unknown in-prompt option --{name}; training samples know "
-                            f"{', '.join('--' + k for k in _LINE_OPTIONS)}")
-        field, pattern, convert = _LINE_OPTIONS[key]
-        value = value.strip() if pattern != r".+" else value
-        if not re.fullmatch(pattern, value):
-            raise UserError(f"{where}: bad value for --{name}: {value!r}")
-        try:
-            entry[field] = convert(value)
-        except ValueError:
-            raise UserError(f"{where}: bad value for --{name}: {value!r}") from None
-    return entry
+    """kohya's line_to_prompt_dict, strictly (unknown options and bad values are errors).
+    Returns the dict form."""
+    text, values = parse_line_options(raw, _LINE_OPTIONS, where)
+    return {"prompt": text, **values}
 
 
 def _to_prompt(entry, index, where):

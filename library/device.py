@@ -72,3 +72,9 @@ def device_target():
 
 def is_ascend():
     return device_target() == "Ascend"
+
+
+def has_bf16_matmul():
+    """Whether bfloat16 runs here: MindSpore's CPU backend has no bfloat16 matmul kernel (2.7), so
+    --mixed_precision bf16, --full_bf16 and the generator's --bf16 are refused on CPU alone."""
+    return device_target() != "CPU"

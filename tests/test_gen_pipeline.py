@@ -6,8 +6,8 @@ import pytest
 
 from library.errors import UserError
 from library.generation import samplers
-from library.generation.pipeline import (GenerationOptions, ImageRequest, Pipeline, highres_first_size,
-                                         upscale_latents_bilinear)
+from library.generation.pipeline import GenerationOptions, ImageRequest, Pipeline, highres_first_size
+from library.resample import bilinear_resize
 
 SIZE = 64
 
@@ -90,7 +90,7 @@ def test_highres_fix_gives_the_larger_size(tiny_models):
 
 def test_bilinear_latent_upscale():
     x = np.arange(8, dtype=np.float32).reshape(1, 1, 2, 4)
-    up = upscale_latents_bilinear(x, 4, 8)
+    up = bilinear_resize(x, (4, 8))
     assert up.shape == (1, 1, 4, 8)
     np.testing.assert_allclose(up[0, 0, 0], [0, 0.25, 0.75, 1.25, 1.75, 2.25, 2.75, 3])  # torch's values
     np.testing.assert_allclose(up[0, 0, :, 0], [0, 1, 3, 4])

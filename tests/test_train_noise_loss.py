@@ -16,7 +16,7 @@ from library.training import noise as N
 from library.training.loss_options import LossOptions, huber_c_per_timestep, timestep_weights
 from library.training.losses import DiffusionLoss
 from library.training.noising import ForwardDiffusion
-from library.training.resample import area_resize, bilinear_resize
+from library.resample import area_resize, bilinear_resize
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures/train_golden/noise_loss.json").read_text())
 SCHEDULE = N.ddpm_schedule()

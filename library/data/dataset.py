@@ -136,14 +136,14 @@ def conditioning(record, config, crop_xy=None, flipped=False):
     w, h = record.original_wh
     if config.enable_bucket:
         if crop_xy is None:
-            crop_xy = ((bucket.resized_wh[0] - bucket.bucket_wh[0]) // 2, (bucket.resized_wh[1] - bucket.bucket_wh[1]) // 2)
+            crop_xy = images.centre_crop_xy(bucket.resized_wh, bucket.bucket_wh)
         return size_conditioning(record.original_wh, bucket.bucket_wh, bucket.resized_wh, crop_xy, flipped,
                                  config.true_crop_top_left)
     # bucketing off: kohya uses the image unresized; its conditioning is the cropped size and (0, 0)
     rw, rh = config.resolution
     if not config.true_crop_top_left:
         return (rh, rw), (0, 0), (rh, rw)
-    left, top = crop_xy if crop_xy is not None else ((w - rw) // 2, (h - rh) // 2)
+    left, top = crop_xy if crop_xy is not None else images.centre_crop_xy((w, h), (rw, rh))
     if flipped:
         left = w - rw - left
     return (h, w), (top, left), (rh, rw)

@@ -150,6 +150,11 @@ def resize(img, size, interpolation=None):
     return np.asarray(Image.fromarray(img).resize(size, resample=_PIL_FILTERS[interpolation]))
 
 
+def centre_crop_xy(image_wh, crop_wh):
+    """The (left, top) of a centred crop, rounded down as kohya rounds it."""
+    return (image_wh[0] - crop_wh[0]) // 2, (image_wh[1] - crop_wh[1]) // 2
+
+
 def trim_and_resize(img, bucket_wh, resized_wh, rng, random_crop=False, interpolation=None):
     """Resize the image to `resized_wh` and crop it to `bucket_wh` (kohya's
     trim_and_resize_if_required). The crop is centred, or at a random offset drawn from `rng`
@@ -158,14 +163,13 @@ def trim_and_resize(img, bucket_wh, resized_wh, rng, random_crop=False, interpol
     if (w, h) != tuple(resized_wh):
         img = resize(img, tuple(resized_wh), interpolation)
     h, w = img.shape[:2]
+    centre_left, centre_top = centre_crop_xy((w, h), bucket_wh)
     left = top = 0
     if w > bucket_wh[0]:
-        excess = w - bucket_wh[0]
-        left = rng.randint(0, excess) if random_crop else excess // 2
+        left = rng.randint(0, w - bucket_wh[0]) if random_crop else centre_left
         img = img[:, left:left + bucket_wh[0]]
     if h > bucket_wh[1]:
-        excess = h - bucket_wh[1]
-        top = rng.randint(0, excess) if random_crop else excess // 2
+        top = rng.randint(0, h - bucket_wh[1]) if random_crop else centre_top
         img = img[top:top + bucket_wh[1]]
     return img, (left, top)
 

@@ -21,7 +21,6 @@ from library.generation.pipeline import (GenerationOptions, ImageRequest, Pipeli
 
 logger = logging.getLogger("sdxl_gen_img")
 
-DEFAULT_SIZE = 1024
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
@@ -56,7 +55,7 @@ def check_args(args):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.W is not None or args.H is not None:
-        check_size(args.W or DEFAULT_SIZE, args.H or DEFAULT_SIZE, "--W/--H")
+        check_size(args.W or prompt_lib.DEFAULT_SIZE, args.H or prompt_lib.DEFAULT_SIZE, "--W/--H")
     if args.strength is not None and not 0 <= args.strength <= 1:
         raise UserError(f"--strength must be between 0 and 1, got {args.strength}")
     if args.highres_fix_scale is not None and not 0 < args.highres_fix_scale < 1:
@@ -86,8 +85,8 @@ def check_args(args):
         raise UserError("nothing to generate: give --prompt, --from_file, --interactive, or "
                         "--image_path with prompts in its PNG metadata")
     if args.bf16:
-        from library.device import device_target
-        if device_target() == "CPU":
+        from library.device import has_bf16_matmul
+        if not has_bf16_matmul():
             raise UserError("--bf16 has no CPU kernels in MindSpore 2.7 (bf16 matmul); use --fp16 "
                             "or float32 on CPU")
 
@@ -165,7 +164,8 @@ class RequestMaker:
                 seed = random.randint(0, 0x7FFFFFFF)
             r = ImageRequest(
                 prompt=line.prompt, seed=seed, negative_prompt=line.negative_prompt,
-                width=_pick(line.width, a.W, DEFAULT_SIZE), height=_pick(line.height, a.H, DEFAULT_SIZE),
+                width=_pick(line.width, a.W, prompt_lib.DEFAULT_SIZE),
+                height=_pick(line.height, a.H, prompt_lib.DEFAULT_SIZE),
                 steps=_pick(line.steps, a.steps), scale=_pick(line.scale, a.scale), sampler=a.sampler,
                 original_width=_pick(line.original_width, a.original_width),
                 original_height=_pick(line.original_height, a.original_height),

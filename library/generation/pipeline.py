@@ -40,6 +40,7 @@ from typing import Any, Callable, List, Optional
 import numpy as np
 
 from library.errors import UserError
+from library.resample import bilinear_resize
 from library.generation import prompts as prompt_lib
 from library.generation import samplers
 
@@ -180,20 +181,6 @@ def array_to_image(array):
     from PIL import Image
     arr = np.clip(array.transpose(1, 2, 0) / 2 + 0.5, 0.0, 1.0)
     return Image.fromarray((arr * 255).round().astype(np.uint8))
-
-
-def upscale_latents_bilinear(latents, height, width):
-    """torch.nn.functional.interpolate(mode="bilinear", align_corners=False) in numpy."""
-    def axis_weights(n_in, n_out):
-        pos = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-        low = np.minimum(np.floor(pos).astype(int), n_in - 1)
-        high = np.minimum(low + 1, n_in - 1)
-        return low, high, (pos - low)[:, None]
-    b, c, h, w = latents.shape
-    lo, hi, f = axis_weights(h, height)
-    x = latents[:, :, lo] * (1 - f) + latents[:, :, hi] * f
-    lo, hi, f = axis_weights(w, width)
-    return (x[..., lo] * (1 - f[:, 0]) + x[..., hi] * f[:, 0]).astype(latents.dtype)
 
 
 A1111_SAMPLER = {"ddim": "DDIM", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
@@ -469,7 +456,7 @@ class Pipeline:
                     out.append(GeneratedImage(img, lat, r, "0", png_metadata(
                         r1, w1, h1, "0", o, self._names(), muls), i))
             if o.highres_fix_latents_upscaling:
-                inits = list(upscale_latents_bilinear(lat1, r0.height // 8, r0.width // 8))
+                inits = list(bilinear_resize(lat1, (r0.height // 8, r0.width // 8)))
             else:
                 from PIL import Image
                 inits = [img.resize((r0.width, r0.height), resample=Image.LANCZOS) for img in images1]

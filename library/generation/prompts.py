@@ -18,6 +18,9 @@ from library.text import parse_prompt_attention
 
 logger = logging.getLogger(__name__)
 
+# The image size when neither the command line nor the prompt gives one, for generated images and
+# training samples alike (kohya's training samples use 512, which SDXL renders badly).
+DEFAULT_SIZE = 1024
 CHUNK = 77          # tokens one CLIP call sees: BOS, 75 prompt tokens, EOS
 CHUNK_TOKENS = CHUNK - 2
 

@@ -39,7 +39,7 @@ class BatchAssembler:
                 np.zeros(1, np.float32), np.zeros(1, np.float32))
 
     def __call__(self, samples):
-        from library.training.resample import area_resize
+        from library.resample import area_resize
         key = samples[0]["batch_key"]
         if self.layout.latents_cached:
             pixels = np.stack([s["latents"] for s in samples]).astype(np.float32)

@@ -71,7 +71,7 @@ def _check_contradictions(args):
         raise UserError("--full_fp16 needs --mixed_precision fp16 (as kohya)")
     if args.mixed_precision == "bf16" or args.full_bf16:
         from library import device
-        if not device.is_ascend():
+        if not device.has_bf16_matmul():
             what, instead = ("--full_bf16", "--mixed_precision fp16 --full_fp16") if args.full_bf16 \
                 else ("--mixed_precision bf16", "--mixed_precision no or fp16")
             raise UserError(f"{what} needs an Ascend NPU: MindSpore has no bfloat16 matmul kernel "

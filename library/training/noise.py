@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from library.errors import UserError
-from library.training.resample import bilinear_resize
+from library.resample import bilinear_resize
 
 NUM_TRAIN_TIMESTEPS = 1000
 

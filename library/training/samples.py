@@ -40,11 +40,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from library.errors import UserError, read_utf8
-from library.generation.prompts import parse_line_options
+from library.generation.prompts import DEFAULT_SIZE, parse_line_options
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_SIZE = 1024          # kohya: 512, see the module docstring
 DEFAULT_STEPS = 30
 DEFAULT_SCALE = 7.5
 DEFAULT_SAMPLER = "ddim"

@@ -1,8 +1,9 @@
 """Host-side resampling that matches PyTorch's `F.interpolate` numerically (numpy only).
 
-Two kohya steps resize arrays whose sizes change from step to step or come with the data: the
-multi-resolution noise pyramid (random level sizes, bilinear) and loss masks (pixel size to latent
-size, "area"). Doing them on the host keeps the compiled step's input shapes fixed.
+Three steps resize arrays whose sizes change from step to step or come with the data: in training,
+the multi-resolution noise pyramid (random level sizes, bilinear) and loss masks (pixel size to
+latent size, "area"), which on the host keep the compiled step's input shapes fixed; in the
+generator, the latent upscale of the highres-fix pass (bilinear, as kohya's torch call).
 """
 
 import math

@@ -29,7 +29,7 @@ def main():
     import numpy as np
     from PIL import Image
 
-    from library import caching
+    from library.training import cache_encoders as caching
     from library.data.captions import CaptionOptions
     from library.data.config import DatasetConfig, SubsetConfig
     from library.data.dataset import build_dataset_groups

@@ -1,4 +1,4 @@
-"""The caches with the tiny SDXL models (library/caching.py): what is cached is what the trainer
+"""The caches with the tiny SDXL models (library/training/cache_encoders.py): what is cached is what the trainer
 would compute itself, and a rerun reads it back from disk."""
 
 import argparse
@@ -7,7 +7,7 @@ import numpy as np
 from mindspore import Tensor
 from PIL import Image
 
-from library import caching
+from library.training import cache_encoders as caching
 from library.conditioning import encode_text
 from library.data.cache import add_cache_arguments, check_cache_options
 from library.data.images import to_chw_float

@@ -1,8 +1,8 @@
 """Latent and text-encoder output caches (--cache_latents[_to_disk],
 --cache_text_encoder_outputs[_to_disk]), keyed by their inputs.
 
-Plain numpy: the models come in as encode functions (library/caching.py builds them from the
-MindSpore cells), so this module is testable without a model.
+Plain numpy: the models come in as encode functions (library/training/cache_encoders.py builds
+them from the MindSpore cells), so this module is testable without a model.
 
 Every cache entry has a key: a JSON document of everything its value depends on.
 
@@ -274,7 +274,7 @@ def _valid(entry, key_json, kinds):
 class SingleProcess:
     """The `share` of a run on one process. A data-parallel run passes an object with the same
     attributes (rank, size, local_rank) and all_reduce_sum(float32 array) -> the sum over ranks
-    (library.caching.RankShare)."""
+    (library.training.cache_encoders.RankShare)."""
     rank, size, local_rank = 0, 1, 0
 
     @staticmethod
@@ -417,7 +417,7 @@ def build_latent_cache(group, encode, model_id, to_disk=False, batch_size=1, ski
     encode(images, seeds) -> float32 (B, C, h, w): `images` uint8 (B, H, W, 3) of one bucket,
     `seeds` one int per image for the noise of its latent sample (derived from the entry key,
     so a latent does not depend on the batch it was encoded in).
-    model_id: a string identifying the VAE weights (library.caching.model_identity).
+    model_id: a string identifying the VAE weights (library.training.cache_encoders.model_identity).
     Images are encoded in batches of at most `batch_size` that share a bucket, flip_aug and
     alpha_mask, sorted by bucket area (kohya's order), behind a tqdm progress bar.
     share: the data-parallel ranks (see the module docstring); SingleProcess() by default.

@@ -18,6 +18,7 @@ from library.errors import UserError
 from library.file_checks import is_hub_id, refuse_pickle
 from library.models import keymaps
 from library.models.config import PRESETS
+from library.models.sdxl import build_sdxl
 from library.safetensors_io import SafetensorsFile, write_safetensors
 
 COMPONENTS = ("unet", "text_encoder1", "text_encoder2", "vae")
@@ -161,7 +162,6 @@ def _detect_preset(source, shapes_of):
 # --- single file -----------------------------------------------------------------------------
 
 def load_single_file(path, dtype="float32"):
-    from library.models import build_sdxl
     refuse_pickle(path)
     st = SafetensorsFile(path)
     keys = set(st.keys())
@@ -228,7 +228,6 @@ def _diffusers_weight_file(folder, component):
 
 
 def load_diffusers_folder(folder, dtype="float32"):
-    from library.models import build_sdxl
     files = {c: SafetensorsFile(_diffusers_weight_file(folder, c)) for c in COMPONENTS}
     unet = files["unet"]
     probe = {"input_blocks.0.0.weight": "conv_in.weight",
@@ -303,7 +302,9 @@ def download_from_hub(repo_id):
 
 
 def load(path_or_id, dtype="float32"):
-    """Load SDXL from a single file, a diffusers folder or a hub id (see load_sdxl)."""
+    """Load SDXL weights from a single-file .safetensors, a diffusers-format folder or a Hugging
+    Face hub id, strictly, into models of the matching preset, in float32/float16/bfloat16
+    (exported as library.models.load_sdxl)."""
     path = Path(os.path.expanduser(str(path_or_id)))
     if path.is_dir():
         return load_diffusers_folder(path, dtype)

@@ -306,7 +306,7 @@ def load_models(args):
 def build_training(plan, models):
     """Caches, LoRA, optimizer, schedule and the two step Cells (not compiled yet)."""
     import mindspore as ms
-    from library.caching import cache_latents, cache_text_outputs
+    from library.training.cache_encoders import cache_latents, cache_text_outputs
     from library.data.loader import BatchLoader
     from library.text import load_tokenizers
     from library.training.losses import DiffusionLoss

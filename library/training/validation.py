@@ -66,7 +66,7 @@ def validation_caches(val_group, models, args):
     """(latent cache, text cache) for the validation images, made as the training caches are."""
     if val_group is None:
         return None, None
-    from library.caching import cache_latents, cache_text_outputs
+    from library.training.cache_encoders import cache_latents, cache_text_outputs
     latents = cache_latents(val_group, models, args) if args.cache_latents else None
     text = cache_text_outputs(val_group, models, args) if args.cache_text_encoder_outputs else None
     return latents, text

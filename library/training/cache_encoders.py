@@ -1,7 +1,7 @@
 """The MindSpore side of the caches: encode functions built from the models, and the two calls
-the trainer makes before training (the cache logic itself is plain numpy, library/data/cache.py).
+the trainer makes before training (the cache logic itself is plain numpy, library/data/cache.py,
+whose check_cache_options runs first).
 
-    check_cache_options(args, [train, val])                 # kohya's rules; errors name the keys
     latents = cache_latents(train, models, args)            # LatentCache: .get(record, flipped)
     texts = cache_text_outputs(train, models, args)         # TextCache: .get(record) -> (context, pooled)
 
@@ -15,9 +15,10 @@ import numpy as np
 from mindspore import Tensor
 
 from library.conditioning import encode_text
-from library.data.cache import build_latent_cache, build_text_cache, check_cache_options  # noqa: F401 (re-export)
+from library.data.cache import build_latent_cache, build_text_cache
 from library.data.images import to_chw_float
 from library.text import load_tokenizers, tokenize_chunks, tokenize_weighted
+from library.training.distributed import all_reduce_sum
 
 
 def model_identity(*cells):
@@ -71,7 +72,6 @@ class RankShare:
         self.rank, self.size, self.local_rank = world.rank, world.size, world.local_rank
 
     def all_reduce_sum(self, array):
-        from library.training.distributed import all_reduce_sum
         return all_reduce_sum(self.world, array)
 
 

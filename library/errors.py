@@ -1,6 +1,6 @@
-"""The one exception type for mistakes a user can fix (bad file, bad option, bad TOML key), and
+"""The one exception type for mistakes a user can fix (bad file, bad option, bad TOML key),
 `read_utf8`, the text-file reader whose failures are such mistakes (every module reads its text
-files through it).
+files through it), and `listing`, the short list of names such a message shows.
 
 Command-line entry points catch it, print its message without a traceback and exit with code 2
 (a subclass may set its own `exit_code` and `label`: an interrupted run exits with 130, as a
@@ -36,3 +36,13 @@ def read_utf8(path, what):
     except UnicodeDecodeError as e:
         raise UserError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
                         "re-save it as UTF-8") from None
+
+
+MAX_LISTED = 12     # names an error message shows before "... (N more)"
+
+
+def listing(names):
+    """Sorted names, comma-separated, cut after MAX_LISTED with a count of the rest."""
+    names = sorted(names)
+    shown = ", ".join(names[:MAX_LISTED])
+    return shown + (f" ... ({len(names) - MAX_LISTED} more)" if len(names) > MAX_LISTED else "")

@@ -1,8 +1,8 @@
 """The import layers of README "Architecture": every module imports only its own layer or lower
 ones, and no import chain comes back to where it started.
 
-    core (errors, device, files, resampling) -> text, models, data -> lora -> generation
-    -> training -> the two scripts
+    core (errors, device, files, resampling) -> text, models, data -> lora (library/lora and
+    kohya's networks/lora.py over it) -> generation -> training -> the two scripts
 
 Every import counts, also the ones inside functions (they run too, only later). The graph is
 read from the source with `ast`, so nothing here imports the code it checks.
@@ -21,7 +21,7 @@ LAYERS = {
     "library.file_checks": 0, "library.arg_checks": 0, "library.layers": 0,
     "library.resample": 0, "library.metadata": 0,
     "library.text": 1, "library.models": 1, "library.data": 1, "library.conditioning": 1,
-    "networks": 2,
+    "library.lora": 2, "networks": 2,
     "library.generation": 3,
     "library.training": 4,
     "sdxl_train_network": 5, "sdxl_gen_img": 5,
@@ -29,7 +29,8 @@ LAYERS = {
 # Packages that stay importable without MindSpore (their modules run in data workers, or hold
 # the checks that run before MindSpore is imported).
 MINDSPORE_FREE = ("library.data", "library.text", "library.errors", "library.file_checks",
-                  "library.arg_checks", "library.resample", "library.metadata", "networks.lora_args")
+                  "library.arg_checks", "library.resample", "library.metadata", "library.lora.args",
+                  "library.lora.names")
 
 
 def module_files(root=ROOT):

@@ -6,7 +6,8 @@ import pytest
 
 from library.errors import UserError
 from library.models import build_sdxl
-from networks import lora, lora_args
+from library.lora import args as lora_args
+from networks import lora
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import mindspore as ms
 from mindspore import Tensor
 
 from library import layers
-from library.errors import UserError
+from library.errors import UserError, listing
 from library.file_checks import is_hub_id, refuse_pickle
 from library.models import keymaps
 from library.models.config import PRESETS
@@ -24,13 +24,6 @@ from library.safetensors_io import SafetensorsFile, write_safetensors
 COMPONENTS = ("unet", "text_encoder1", "text_encoder2", "vae")
 DTYPES = {"float32": ms.float32, "float16": ms.float16, "bfloat16": ms.bfloat16,
           "fp32": ms.float32, "fp16": ms.float16, "bf16": ms.bfloat16}
-_MAX_LISTED = 12
-
-
-def _listing(keys):
-    keys = sorted(keys)
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (f" ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
 
 
 def _show(key):
@@ -68,7 +61,7 @@ def _check_is_sdxl(path, keys):
 
 def _model_params(models, components=COMPONENTS):
     """Every parameter of the base models. Parameters that an applied LoRA adds (a path part
-    starting with `lora_`, e.g. `...to_q.lora_branches.0.lora_down.weight`, see networks/lora.py)
+    starting with `lora_`, e.g. `...to_q.lora_branches.0.lora_down.weight`, see library/lora/modules.py)
     are not part of the checkpoint: saving writes, and merges, the base weights only."""
     for component in components:
         for name, param in getattr(models, component).parameters_and_names():
@@ -125,15 +118,15 @@ def _fill(models, files, place_of, dtype, source):
     if missing or unexpected:
         parts = []
         if missing:
-            parts.append(f"{len(missing)} tensors the model needs are missing: {_listing(missing)}")
+            parts.append(f"{len(missing)} tensors the model needs are missing: {listing(missing)}")
         if unexpected:
             parts.append(f"{len(unexpected)} tensors are not part of an SDXL model: "
-                         f"{_listing(unexpected)}")
+                         f"{listing(unexpected)}")
         raise UserError(f"{source} does not match the SDXL model: " + "; ".join(parts))
     wrong = [f"{_show(k)} {files[k][0].shape(files[k][1])} (expected {_file_shape(e)})"
              for k, e in layout.items() if files[k][0].shape(files[k][1]) != _file_shape(e)]
     if wrong:
-        raise UserError(f"{source}: {len(wrong)} tensors have the wrong shape: {_listing(wrong)}")
+        raise UserError(f"{source}: {len(wrong)} tensors have the wrong shape: {listing(wrong)}")
     for key, entries in layout.items():
         st, file_key = files[key]
         array = np.asarray(st.get(file_key), dtype=np.float32)

@@ -140,7 +140,7 @@ def prepare(args):
     from library.training.validation import check_validation_options
     from library.data.loader import batches_per_rank
     from library.training.world import world_from_env
-    from networks.lora_args import parse_network_args
+    from library.lora.args import parse_network_args
 
     world = world_from_env(os.environ)     # msrun's ranks (one process without msrun)
     _check_contradictions(args)
@@ -425,7 +425,7 @@ def _train(plan, stop):
         log.event("bucket_cap", **plan.bucket_cap.as_dict())
     sample = TrainingSampler(args, t.models, log=log, writer=world.is_main)
     validation = Validation(plan, t, compile=not args.pynative, log=log)
-    from networks.lora import SAVE_DTYPES
+    from library.lora.files import SAVE_DTYPES
     save_dtype = SAVE_DTYPES[args.save_precision]
     if world.is_main:
         warn_if_disk_short(args, plan, trainable, t.apply_step, save_dtype, sample.prompts)

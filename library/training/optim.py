@@ -19,7 +19,7 @@ from library.errors import UserError
 
 if TYPE_CHECKING:   # the optimizer Cells import MindSpore: not before the options are checked
     from library.training.optimizers import GroupedOptimizer
-    from networks.lora import ParamGroup
+    from library.lora.network import ParamGroup
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import mindspore as ms
 from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
 
 from library.training.flat import FlatLayout
-from networks.lora import ParamGroup
+from library.lora.network import ParamGroup
 
 F32 = ms.float32
 

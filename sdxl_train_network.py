@@ -33,7 +33,8 @@ def main(argv=None):
             print(f"wrote {write_config_file(parser, args)}")
             return
         from library.training.interrupts import Interrupted
-        from library.training.loop import prepare, train
+        from library.training.loop import train
+        from library.training.plan import prepare
         try:
             plan = prepare(args)     # every check that needs no model, before MindSpore's import
             if not under_msrun:

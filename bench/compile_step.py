@@ -57,7 +57,8 @@ def _dataset(folder, sizes):
 
 def _build(preset, buckets, ckpt, workdir, extra):
     from library.training.args import parse_args
-    from library.training.loop import build_training, load_models, prepare
+    from library.training.build import build_training, load_models
+    from library.training.plan import prepare
     (resolution, low, high, step), sizes = GEOMETRY[preset]
     _, args = parse_args([
         "--pretrained_model_name_or_path", ckpt, "--train_data_dir",

@@ -77,7 +77,8 @@ def _draw_dataset(folder, size):
 def build_run(preset, latent, ckpt, workdir, steps):
     """The trainer's Training for this preset and latent size, from its own argument parser."""
     from library.training.args import parse_args
-    from library.training.loop import build_training, load_models, prepare
+    from library.training.build import build_training, load_models
+    from library.training.plan import prepare
     data = _draw_dataset(workdir, latent * 8)
     # medium has no checkpoint (random weights): the tiny file only passes prepare()'s check
     _, args = parse_args([

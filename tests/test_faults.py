@@ -535,7 +535,7 @@ def test_config_file_numbers_are_checked_too(tmp_path):
 def test_network_args_numbers_are_checked_before_the_model_loads(tmp_path, fake_model,
                                                                  network_args, fragment):
     from library.training.args import parse_args
-    from library.training.loop import prepare
+    from library.training.plan import prepare
     _, args = parse_args(["--pretrained_model_name_or_path", str(fake_model), "--network_module",
                           "networks.lora", "--output_dir", str(tmp_path / "out"),
                           "--network_args", *network_args])
@@ -563,7 +563,7 @@ def test_a_non_finite_lora_is_refused_by_trainer_generator_and_loader(tmp_path, 
                                                                       nan_lora):
     from library.generation.cli import check_args
     from library.training.args import parse_args
-    from library.training.loop import prepare
+    from library.training.plan import prepare
     from networks.lora import load_lora_file
     from library.generation.args import setup_parser
     fragment = (f"{nan_lora}: tensor lora_unet_input_blocks_4_1_proj_in.lora_up.weight holds NaN "
@@ -596,7 +596,7 @@ def fake_model(tmp_path):
 ])
 def test_trainer_paths_are_checked_before_the_model_loads(tmp_path, fake_model, extra, fragment):
     from library.training.args import parse_args
-    from library.training.loop import prepare
+    from library.training.plan import prepare
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     extra = [e.format(file=blocker) for e in extra]

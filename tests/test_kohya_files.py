@@ -74,7 +74,7 @@ def images(tmp_path_factory):
 
 
 def _prepare(tiny_ckpt, images, out, *extra):
-    from library.training.loop import prepare
+    from library.training.plan import prepare
     _, args = parse_args(["--pretrained_model_name_or_path", str(tiny_ckpt), "--network_module",
                           "networks.lora", "--output_dir", str(out), "--train_data_dir",
                           str(images), "--resolution", "64", *map(str, extra)])

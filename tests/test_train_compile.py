@@ -151,15 +151,15 @@ def test_cli_compiles_one_graph_per_bucket_ahead_with_fp16_scaling(tiny_ckpt, tm
 
 def test_compile_all_buckets_first_with_pynative_is_a_parse_time_error():
     from library.training.args import parse_args
-    from library.training.loop import _check_contradictions
+    from library.training.plan import check_contradictions
     _, args = parse_args(["--compile_all_buckets_first", "--pynative", "--network_module",
                           "networks.lora"])
     with pytest.raises(UserError, match="--compile_all_buckets_first"):
-        _check_contradictions(args)
+        check_contradictions(args)
     # the default step is compiled before step 1 anyway: the option would do nothing
     _, args = parse_args(["--compile_all_buckets_first", "--network_module", "networks.lora"])
     with pytest.raises(UserError, match="--static_shapes only"):
-        _check_contradictions(args)
+        check_contradictions(args)
 
 
 def test_a_step_graph_with_open_axes_runs_every_shape_from_one_compile():

@@ -301,7 +301,7 @@ def test_step_counts_follow_the_world_size(tiny_ckpt, five_images, tmp_path, mon
     """kohya: an epoch is ceil(batches / processes / accumulation) steps, and --max_train_epochs
     converts with it. 5 batches over 2 ranks: 3 each (the padded share)."""
     from library.training.args import parse_args
-    from library.training.loop import prepare
+    from library.training.plan import prepare
 
     def plan(*extra):
         _, args = parse_args(["--pretrained_model_name_or_path", str(tiny_ckpt), "--train_data_dir",

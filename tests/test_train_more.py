@@ -17,10 +17,11 @@ from mindspore import Tensor
 from conftest import ONE_BLOCK
 from library.safetensors_io import SafetensorsFile
 from networks.lora import is_lora_parameter_name
-from library.training import loop
+from library.training import build as build_module, loop
 from library.training.args import parse_args
 from library.training.batches import to_tensors
-from library.training.loop import build_training, load_models, prepare
+from library.training.build import build_training, load_models
+from library.training.plan import prepare
 from library.training.step import ApplyStep
 
 LR, MOMENTUM = 1e-2, 0.9
@@ -112,8 +113,8 @@ def test_gradient_accumulation_updates_once_with_the_mean_gradient(tiny_ckpt, da
     p0 = numpy_of(params)
     grad = Recorder(t.grad_step, lambda when: (numpy_of(params), numpy_of(buffers)))
     apply = Recorder(t.apply_step, lambda when: numpy_of(buffers) if when == "before" else None)
-    monkeypatch.setattr(loop, "load_models", lambda args: t.models)
-    monkeypatch.setattr(loop, "build_training", lambda plan, models: loop.Training(
+    monkeypatch.setattr(build_module, "load_models", lambda args: t.models)
+    monkeypatch.setattr(build_module, "build_training", lambda plan, models: build_module.Training(
         **{**t.__dict__, "grad_step": grad, "apply_step": apply}))
     plan.args.pynative = True
     final = loop.train(plan)

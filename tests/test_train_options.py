@@ -11,7 +11,8 @@ from mindspore import Tensor
 from library.conditioning import vector_condition
 from library.training.args import parse_args
 from library.training.batches import BatchAssembler
-from library.training.loop import build_training, load_models, prepare
+from library.training.build import build_training, load_models
+from library.training.plan import prepare
 from library.training.losses import DiffusionLoss
 from library.training.noise import NoiseSampler, ddpm_schedule
 from library.training.noising import ForwardDiffusion

@@ -235,7 +235,8 @@ def rss_bytes():
 def run(tiny_ckpt, tmp_path_factory):
     """prepare() + build_training() for a UNet LoRA with cached latents and text (the validation
     images are cached too), a validation set and a prompt file; nothing is compiled here."""
-    from library.training.loop import build_training, load_models, prepare
+    from library.training.build import build_training, load_models
+    from library.training.plan import prepare
     root = tmp_path_factory.mktemp("samples_run")
     make_images(root / "img" / "1_sks", 4)
     prompts = write(root / "prompts.txt", "sks circle --w 64 --h 64 --d 5 --s 2 --ss euler\n"

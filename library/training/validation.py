@@ -2,9 +2,9 @@
 and --max_validation_steps over the images --validation_split holds out (library/data builds the
 split; here it is never mixed with training images, while kohya's overlaps without a seed).
 
-    validation = Validation(plan, training, compile=not args.pynative)
-    scalars.update(validation.at_step(global_step, train_average))   # {} when not due
-    validation.at_epoch(epoch, train_average, log)
+    validation = Validation(plan, training, compile=not args.pynative, log=log)
+    scalars.update(validation.at_step(step, train_average))    # {} when not due
+    validation.at_epoch(epoch, step, train_average)            # logs its scalars when due
 
 kohya's semantics (train_network.py:1361-1367, 1534-1682):
 - each validation batch is evaluated at the fixed timesteps linspace(min_t, max_t, 6)[1:-1]
@@ -21,9 +21,9 @@ One difference: an average here is the mean over this validation's batches and t
 recorder keeps adding the validations of the first epoch into one running mean.
 
 The loss is the train step's forward (GradStep.forward_loss), compiled on its own: one graph for
-every batch shape (by the train step's rule: static for a single shape or --static_shapes). No gradients, no
-buffer or parameter is written. The models are in eval mode while it runs
-(LoRA dropouts off, as kohya's network.eval()).
+every batch shape (by the train step's rule: static for a single shape or --static_shapes). No
+gradients, no buffer or parameter is written. The models are in eval mode while it runs (LoRA
+dropouts off, as kohya's network.eval()).
 """
 
 import argparse

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from library.data import cache as C
+from library.data import cache as C, images
 from library.data.captions import CaptionOptions
 from library.data.config import DatasetConfig, SubsetConfig
 from library.data.dataset import build_dataset_groups
@@ -152,7 +152,7 @@ def test_key_is_stored_and_checked(tmp_path):
     entries = C.read_cache_file(path)
     (eid, entry), = entries.items()
     key = json.loads(entry.key)
-    assert key["image_sha256"] == C.images.file_digest(rec.path)
+    assert key["image_sha256"] == images.file_digest(rec.path)
     assert key["bucket_wh"] == [64, 64] and key["vae"] == "vae-a" and key["kind"] == "sdxl_latents"
     # an entry whose stored key does not match its inputs is a miss, even under the right name
     C.write_cache_file(path, {eid: {"key": entry.key.replace("vae-a", "vae-x"), "latents": entry.array("latents")}})

@@ -1,12 +1,12 @@
 """The MindSpore side of the caches: encode functions built from the models, and the two calls
-the trainer makes before training (the cache logic itself is plain numpy, library/data/cache.py,
+the trainer makes before training (the cache logic itself is plain numpy, library/data/cache/,
 whose check_cache_options runs first).
 
     latents = cache_latents(train, models, args)            # LatentCache: .get(record, flipped)
     texts = cache_text_outputs(train, models, args)         # TextCache: .get(record) -> (context, pooled)
 
 Under msrun pass world=distributed.init(): each rank encodes its share of the entries and all
-ranks end with the whole cache (library/data/cache.py, "Data parallel").
+ranks end with the whole cache (library/data/cache/__init__.py, "Data parallel").
 """
 
 import hashlib
@@ -65,7 +65,7 @@ def text_encoder_fn(text_encoder1, text_encoder2, max_token_length=None, weighte
 
 
 class RankShare:
-    """The data-parallel ranks as library/data/cache.py's `share` sees them."""
+    """The data-parallel ranks as library/data/cache/exchange.py's `share` sees them."""
 
     def __init__(self, world):
         self.world = world

@@ -49,7 +49,8 @@ def run_case(preset, mode, size, steps, images, ckpt):
     from library import device
     device.configure(parallel_dispatch=False)       # as sdxl_gen_img does
     set_mindspore_threads()
-    from library.generation.pipeline import GenerationOptions, ImageRequest, Pipeline
+    from library.generation.pipeline import Pipeline
+    from library.generation.requests import GenerationOptions, ImageRequest
     models = _models(preset, ckpt)
     pipe = Pipeline(models, GenerationOptions(compile=mode != "pynative",
                                               static_shapes=mode == "graph-static"))

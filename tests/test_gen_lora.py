@@ -9,7 +9,8 @@ import pytest
 
 from library.errors import UserError
 from library.generation.networks import GenerationNetworks
-from library.generation.pipeline import GenerationOptions, ImageRequest, Pipeline
+from library.generation.pipeline import Pipeline
+from library.generation.requests import GenerationOptions, ImageRequest
 from library.models import load_sdxl
 from networks import lora
 from tests.conftest import randomise_lora, run_tool

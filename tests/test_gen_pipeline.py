@@ -6,7 +6,8 @@ import pytest
 
 from library.errors import UserError
 from library.generation import samplers
-from library.generation.pipeline import GenerationOptions, ImageRequest, Pipeline, highres_first_size
+from library.generation.pipeline import Pipeline
+from library.generation.requests import GenerationOptions, ImageRequest, highres_first_size
 from library.resample import bilinear_resize
 
 SIZE = 64

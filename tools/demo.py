@@ -151,7 +151,8 @@ def main():
 
     from PIL import Image
     from mindspore import Tensor
-    from library.generation.pipeline import GenerationOptions, ImageRequest, Pipeline
+    from library.generation.pipeline import Pipeline
+    from library.generation.requests import GenerationOptions, ImageRequest
     from library.models import load_sdxl
     from networks import lora as lora_lib
 

@@ -16,8 +16,9 @@ from library.errors import UserError
 from library.generation import prompts as prompt_lib
 from library.generation.args import NO_EFFECT
 from library.generation import samplers
-from library.generation.pipeline import (GenerationOptions, ImageRequest, Pipeline, check_size,
-                                         write_png)
+from library.generation.pipeline import Pipeline
+from library.generation.png import write_png
+from library.generation.requests import GenerationOptions, ImageRequest, check_size
 
 logger = logging.getLogger("sdxl_gen_img")
 

@@ -34,8 +34,8 @@ Timings are kept in `pipe.stats`: graph compile time, and seconds per image with
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
-from typing import Any, Callable, List, Optional
+from dataclasses import replace
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -43,294 +43,13 @@ from library.errors import UserError
 from library.resample import bilinear_resize
 from library.generation import prompts as prompt_lib
 from library.generation import samplers
+from library.generation.guidance import open_signature, param_dtype, step_cells
+from library.generation.png import array_to_image, image_to_array, png_metadata
+from library.generation.requests import (DOWNSAMPLING, LATENT_CHANNELS, GeneratedImage,
+                                         GenerationOptions, GenerationStats, check_size,
+                                         highres_first_size, scaled)
 
 logger = logging.getLogger(__name__)
-
-LATENT_CHANNELS = 4
-DOWNSAMPLING = 8
-
-
-@dataclass
-class ImageRequest:
-    """One image to make. None in a conditioning field means kohya's default (original size =
-    target size, negative original = original, crop 0)."""
-    prompt: str
-    seed: int
-    negative_prompt: str = ""
-    width: int = 1024
-    height: int = 1024
-    steps: int = 50
-    scale: float = 7.5
-    sampler: str = "ddim"
-    original_width: Optional[int] = None
-    original_height: Optional[int] = None
-    original_width_negative: Optional[int] = None
-    original_height_negative: Optional[int] = None
-    crop_top: Optional[int] = None
-    crop_left: Optional[int] = None
-    init_image: Any = None          # PIL image (or (4, h, w) latents) for img2img
-    strength: float = 0.8           # img2img strength (kohya's default 0.8)
-    network_muls: Optional[tuple] = None   # per-LoRA multipliers (--am); None: the defaults
-    clip_prompt: Optional[str] = None      # metadata only, as kohya
-    raw_prompt: Optional[str] = None       # metadata only: the prompt line as written
-    index: int = 0                  # caller's running number (kohya's global_step)
-    source_name: Optional[str] = None      # img2img source file name (--use_original_file_name)
-
-    def batch_key(self):
-        return (self.width, self.height, self.original_width, self.original_height,
-                self.original_width_negative, self.original_height_negative, self.crop_top,
-                self.crop_left, self.steps, self.scale, self.sampler,
-                self.strength if self.init_image is not None else None,
-                self.init_image is not None, self.network_muls)
-
-
-@dataclass
-class GenerationOptions:
-    batch_size: int = 1
-    max_embeddings_multiples: int = 1
-    text_rule: str = "generator"            # "generator" (77n chunks, mean re-normalised) or "training"
-    max_token_length: Optional[int] = None  # training rule only
-    sampler_preset: str = "generator"       # samplers.PRESETS: "generator" or "training"
-    prediction_type: str = "epsilon"
-    eta: float = 0.0
-    highres_fix_scale: Optional[float] = None
-    highres_fix_steps: int = 28
-    highres_fix_strength: Optional[float] = None
-    highres_fix_latents_upscaling: bool = False
-    highres_fix_save_1st: bool = False
-    vae_batch_size: Optional[float] = None  # kohya's: None = the batch; < 1 = a ratio of it
-    compile: bool = True                    # ms.jit the guided UNet step (False: PyNative)
-    static_shapes: bool = False             # one compiled graph per input shape
-    model_name: Optional[str] = None        # for the metadata
-
-
-@dataclass
-class GeneratedImage:
-    image: Any                  # PIL.Image
-    latents: np.ndarray         # (4, h, w) final latents (VAE scale applied, before decode)
-    request: ImageRequest
-    stage: str = ""             # "" ; highres fix: "0" first pass, "1" final
-    metadata: dict = field(default_factory=dict)   # PNG text chunks, in writing order
-    batch_position: int = 0     # place in its batch (kohya's file names use it)
-
-    @property
-    def seed(self):
-        return self.request.seed
-
-
-@dataclass
-class GenerationStats:
-    graphs: List[tuple] = field(default_factory=list)   # compiled step signatures
-    compile_seconds: float = 0.0    # first calls of each graph, minus one ordinary step each
-    step_seconds: List[float] = field(default_factory=list)
-    images: int = 0
-    seconds: float = 0.0            # wall time of generate() calls, compile included
-
-    @property
-    def median_step(self):
-        return float(np.median(self.step_seconds)) if self.step_seconds else 0.0
-
-    @property
-    def seconds_per_image(self):
-        return (self.seconds - self.compile_seconds) / self.images if self.images else 0.0
-
-    def summary(self):
-        return (f"{self.images} image(s) in {self.seconds:.1f} s: {len(self.graphs)} graph(s) "
-                f"compiled in {self.compile_seconds:.1f} s, then {self.seconds_per_image:.2f} s/image "
-                f"({self.median_step * 1000:.0f} ms per UNet step)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Small helpers (numpy / PIL)
-
-# SDXL's UNet halves the latent (1/8 of the image) twice and adds the skip connections back, so
-# the latent's sides must divide by 4: the image's by 32. Checked before anything loads; otherwise
-# MindSpore fails deep in the UNet with a shape error.
-SIZE_MULTIPLE = 32
-
-
-def check_size(width, height, what="image size"):
-    if width <= 0 or height <= 0 or width % SIZE_MULTIPLE or height % SIZE_MULTIPLE:
-        fix = f"e.g. {max(SIZE_MULTIPLE, width - width % SIZE_MULTIPLE)}x" \
-              f"{max(SIZE_MULTIPLE, height - height % SIZE_MULTIPLE)}"
-        raise UserError(f"{what} {width}x{height}: width and height must be positive multiples of "
-                        f"{SIZE_MULTIPLE} for SDXL ({fix})")
-
-
-def highres_first_size(width, height, scale):
-    """kohya's first-pass size: int(x * scale + 0.5), rounded down to a multiple of 32."""
-    w, h = int(width * scale + 0.5), int(height * scale + 0.5)
-    return w - w % 32, h - h % 32
-
-
-def _scaled(value, scale):
-    return None if value is None else int(value * scale + 0.5)
-
-
-def image_to_array(image, width, height):
-    """PIL image -> (3, height, width) float32 in [-1, 1], LANCZOS-resized when the size differs."""
-    from PIL import Image
-    image = image.convert("RGB") if image.mode != "RGB" else image
-    if image.size != (width, height):
-        image = image.resize((width, height), resample=Image.LANCZOS)
-    return (np.asarray(image, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1)
-
-
-def array_to_image(array):
-    """(3, H, W) in [-1, 1] -> PIL RGB: (x / 2 + 0.5) clipped to [0, 1], x255, rounded (kohya)."""
-    from PIL import Image
-    arr = np.clip(array.transpose(1, 2, 0) / 2 + 0.5, 0.0, 1.0)
-    return Image.fromarray((arr * 255).round().astype(np.uint8))
-
-
-A1111_SAMPLER = {"ddim": "DDIM", "lms": "LMS", "euler": "Euler", "euler_a": "Euler a", "heun": "Heun",
-                 "dpm_2": "DPM2", "dpm_2_a": "DPM2 a", "dpmsolver++": "DPM++ 2M", "pndm": "PNDM",
-                 "dpmsolver": "DPM-Solver", "dpmsingle": "DPM++ 2S"}
-
-
-def _quote(value):
-    """A1111 infotext quoting for a value that holds ',', ':' or quotes."""
-    text = str(value)
-    if any(c in text for c in ",:\"\n"):
-        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-    return text
-
-
-def png_metadata(request, width, height, stage="", options=None, networks=None, muls=None):
-    """PNG text chunks: kohya's keys (sdxl_gen_img.py:2356-2380; its img2img reads `prompt` and
-    `negative-prompt` back), then an A1111-style `parameters` chunk that A1111, Forge, ComfyUI
-    readers and civitai show. Values are kohya's: the seed as given (not seed - 1 for a saved
-    highres first pass), the sampler name as typed, the conditioning sizes resolved."""
-    r = request
-    oh = r.original_height if r.original_height is not None else height
-    ow = r.original_width if r.original_width is not None else width
-    md = {
-        "prompt": r.prompt, "seed": str(r.seed), "sampler": r.sampler, "steps": str(r.steps),
-        "scale": str(r.scale), "negative-prompt": r.negative_prompt,
-    }
-    if r.clip_prompt is not None:
-        md["clip-prompt"] = r.clip_prompt
-    if r.raw_prompt is not None:
-        md["raw-prompt"] = r.raw_prompt
-    md.update({
-        "original-height": str(oh), "original-width": str(ow),
-        "original-height-negative": str(r.original_height_negative if r.original_height_negative is not None else oh),
-        "original-width-negative": str(r.original_width_negative if r.original_width_negative is not None else ow),
-        "crop-top": str(r.crop_top or 0), "crop-left": str(r.crop_left or 0),
-        "width": str(width), "height": str(height),
-    })
-    params = [("Steps", r.steps), ("Sampler", A1111_SAMPLER.get(samplers.canonical_name(r.sampler), r.sampler)),
-              ("CFG scale", r.scale), ("Seed", r.seed), ("Size", f"{width}x{height}")]
-    if options is not None and options.model_name:
-        params.append(("Model", options.model_name))
-    if r.init_image is not None:
-        params.append(("Denoising strength", r.strength))
-    if options is not None and options.highres_fix_scale and stage == "1":
-        params += [("Hires upscale", round(1 / options.highres_fix_scale, 4)),
-                   ("Hires steps", r.steps),
-                   ("Hires upscaler", "Latent" if options.highres_fix_latents_upscaling else "Lanczos")]
-    if ow != width or oh != height:
-        params.append(("Original size", f"{ow}x{oh}"))
-    if networks:
-        loras = ", ".join(f"{name}: {m:g}" for name, m in zip(networks, muls))
-        md["networks"] = loras
-        params.append(("Lora", loras))
-    params.append(("Generator", "sdxl_gen_img (MindSpore port of kohya-ss/sd-scripts)"))
-    text = r.prompt + "\nNegative prompt: " + r.negative_prompt + "\n"
-    md["parameters"] = text + ", ".join(f"{k}: {_quote(v)}" for k, v in params)
-    return md
-
-
-def png_info(metadata):
-    """PIL PngInfo with one tEXt (or iTXt, for non-Latin-1 text) chunk per key."""
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    for k, v in metadata.items():
-        try:
-            v.encode("latin-1")
-            info.add_text(k, v)
-        except UnicodeEncodeError:
-            info.add_itxt(k, v)
-    return info
-
-
-def write_png(path, result):
-    """Write a GeneratedImage as a PNG with its text metadata, atomically (a temp file, then a
-    rename), so a killed run never leaves a cut-off image under the final name."""
-    import io
-    from library.safetensors_io import write_atomically
-    buf = io.BytesIO()
-    result.image.save(buf, format="PNG", pnginfo=png_info(result.metadata))
-    write_atomically(path, [buf.getvalue()])
-    return path
-
-
-# ---------------------------------------------------------------------------------------------
-# The compiled step
-
-def _step_cells(unet):
-    """(guided, plain) UNet step Cells: the first for classifier-free guidance (2B context rows),
-    the second for B rows (a scale of 1). Two Cells rather than a branch on the batch sizes: a
-    graph with an open batch size cannot branch on it."""
-    import mindspore as ms
-    from mindspore import nn, ops
-
-    class PlainUNet(nn.Cell):
-        """eps for B latents with B context rows."""
-
-        def __init__(self, unet):
-            # auto_prefix=False keeps the UNet's parameter names: with a prefix MindSpore would
-            # rename them (to "unet.…"), which renames the LoRA parameters of a training run
-            # that samples with the models it trains.
-            super().__init__(auto_prefix=False)
-            self.unet = unet
-
-        def construct(self, x, t, context, y):
-            return self.unet(x, t, context, y)
-
-    class GuidedUNet(PlainUNet):
-        """eps for B latents with 2B context rows: the unconditional (first B) and conditional
-        halves run in one UNet call and are combined with the per-row guidance scale."""
-
-        def __init__(self, unet):
-            super().__init__(unet)
-            self.halves = ops.Split(axis=0, output_num=2)
-
-        def construct(self, x, t, context, y, scale):
-            out = self.unet(ops.cat([x, x], axis=0), t, context, y)
-            # the Split primitive: ops.chunk checks the (open) batch size in Python
-            uncond, cond = self.halves(out)
-            return uncond + scale.astype(out.dtype) * (cond - uncond)
-
-    cells = GuidedUNet(unet), PlainUNet(unet)
-    for cell in cells:
-        cell.set_train(False)
-    return cells, ms
-
-
-def _open_signature(tensors):
-    """Shape-only tensors with every axis open but the last of the 2-D ones and the channels of
-    the 4-D ones: one graph for every batch, latent size and prompt length."""
-    from mindspore import Tensor
-    signature = []
-    for x in tensors:
-        shape = [None] * x.ndim
-        if x.ndim == 2:
-            shape[1] = x.shape[1]           # y: pooled + size embedding width
-        elif x.ndim == 3:
-            shape[2] = x.shape[2]           # context: the embedding width
-        elif x.ndim == 4 and x.shape[1] != 1:
-            shape[1] = x.shape[1]           # latents: 4 channels (scale is (B, 1, 1, 1))
-        elif x.ndim == 4:
-            shape[1:] = [1, 1, 1]
-        signature.append(Tensor(shape=shape, dtype=x.dtype))
-    return signature
-
-
-def _param_dtype(cell):
-    for p in cell.get_parameters():
-        return p.dtype
-    raise ValueError("model without parameters")
 
 
 class Pipeline:
@@ -346,13 +65,13 @@ class Pipeline:
         self.stats = GenerationStats()
         if self.options.text_rule not in ("generator", "training"):
             raise UserError(f"unknown text rule {self.options.text_rule!r}: use 'generator' or 'training'")
-        self._cells, self._ms = _step_cells(models.unet)
+        self._cells, self._ms = step_cells(models.unet)
         self._steps = [self._ms.jit(c.construct) if self.options.compile else c
                        for c in self._cells]
         self._open_shapes = None        # one graph for all shapes: decided by the first run
         self._one_shape = {}            # guided or not -> the input shapes of its graph
-        self._unet_dtype = _param_dtype(models.unet)
-        self._vae_dtype = _param_dtype(models.vae)
+        self._unet_dtype = param_dtype(models.unet)
+        self._vae_dtype = param_dtype(models.vae)
         self._first_calls = []
 
     # -- public --------------------------------------------------------------------------
@@ -440,10 +159,10 @@ class Pipeline:
         if o.highres_fix_scale:
             s = o.highres_fix_scale
             w1, h1 = highres_first_size(r0.width, r0.height, s)
-            cond1 = dict(original_width=_scaled(r0.original_width, s), original_height=_scaled(r0.original_height, s),
-                         original_width_negative=_scaled(r0.original_width_negative, s),
-                         original_height_negative=_scaled(r0.original_height_negative, s),
-                         crop_top=_scaled(r0.crop_top, s), crop_left=_scaled(r0.crop_left, s))
+            cond1 = dict(original_width=scaled(r0.original_width, s), original_height=scaled(r0.original_height, s),
+                         original_width_negative=scaled(r0.original_width_negative, s),
+                         original_height_negative=scaled(r0.original_height_negative, s),
+                         crop_top=scaled(r0.crop_top, s), crop_left=scaled(r0.crop_left, s))
             strength1 = r0.strength if o.highres_fix_strength is None else o.highres_fix_strength
             logger.info("highres fix: first pass %dx%d, %d steps", w1, h1, o.highres_fix_steps)
             lat1 = self._stage(batch, w1, h1, o.highres_fix_steps, strength1, inits, seeds, cond1)
@@ -520,7 +239,7 @@ class Pipeline:
             if not self._open_shapes and self._one_shape.setdefault(guided, shapes) != shapes:
                 self._open_shapes = True            # another shape after all: one graph for all
             if self._open_shapes and not cell.get_inputs():
-                cell.set_inputs(*_open_signature(inputs))
+                cell.set_inputs(*open_signature(inputs))
                 self._steps[index] = ms.jit(cell.construct)
         open_graph = self.options.compile and bool(cell.get_inputs())
         signature = (guided, str(self._unet_dtype)) if open_graph else shapes + (str(self._unet_dtype),)
@@ -636,10 +355,3 @@ class Pipeline:
             decoded = vae.decode(ms.Tensor(latents[i:i + step] / scaling, dtype=self._vae_dtype))
             images += [array_to_image(a) for a in decoded.asnumpy().astype(np.float32)]
         return images
-
-
-def generate_images(models, requests, options=None, networks=None, on_image=None):
-    """One-shot helper (training-time samples): a Pipeline, its images, and its stats.
-    For repeated sampling keep a Pipeline instead, so the compiled step is reused."""
-    pipe = Pipeline(models, options, networks)
-    return pipe.generate(requests, on_image), pipe.stats

@@ -191,7 +191,7 @@ def check_sample_options(args):
     if not args.sample_prompts:
         return []
     prompts = load_sample_prompts(args.sample_prompts)
-    from library.generation.pipeline import check_size
+    from library.generation.requests import check_size
     from library.generation.samplers import schedule
     for p in prompts:   # e.g. pndm needs 4 steps: fail now, not at the first sampling
         try:
@@ -262,7 +262,8 @@ class TrainingSampler:
         self._random = random.SystemRandom()    # a prompt without --d gets a fresh seed (kohya)
 
     def _pipeline(self):
-        from library.generation.pipeline import GenerationOptions, Pipeline
+        from library.generation.pipeline import Pipeline
+        from library.generation.requests import GenerationOptions
         a = self.args
         options = GenerationOptions(
             batch_size=1, text_rule="training", max_token_length=a.max_token_length,
@@ -274,7 +275,7 @@ class TrainingSampler:
         return Pipeline(self.models, options)
 
     def requests(self):
-        from library.generation.pipeline import ImageRequest
+        from library.generation.requests import ImageRequest
         return [ImageRequest(
             prompt=p.prompt, negative_prompt=p.negative_prompt, width=p.width, height=p.height,
             steps=p.steps, scale=p.scale, sampler=p.sampler or self.args.sample_sampler,
@@ -310,7 +311,7 @@ class TrainingSampler:
 
 
 def _write_png(folder, name, result):
-    from library.generation.pipeline import write_png
+    from library.generation.png import write_png
     os.makedirs(folder, exist_ok=True)
     return write_png(os.path.join(folder, name), result)
 

@@ -16,8 +16,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, Parameter, Tensor
 
-from library.training.optim import build_optimizer
-from library.training.optimizers import ParamGroup
+from library.training.optimizer_options import build_optimizer
+from library.training.optimizer_cells import ParamGroup
 
 
 class Update(nn.Cell):

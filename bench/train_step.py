@@ -164,8 +164,8 @@ def _synthetic_apply_step():
     buffers were one per tensor; that case is kept so this file measures both layouts."""
     import mindspore as ms
     import numpy as np
-    from library.training.optim import build_optimizer
-    from library.training.optimizers import ParamGroup
+    from library.training.optimizer_options import build_optimizer
+    from library.training.optimizer_cells import ParamGroup
     from library.training.step import ApplyStep
     rng = np.random.default_rng(0)
     params = {prefix: [] for prefix in ("lora_te1", "lora_te2", "lora_unet")}

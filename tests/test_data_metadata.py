@@ -1,7 +1,7 @@
 """Dataset-dependent ss_* metadata against kohya's: the files and command lines in
 tests/fixtures/kohya_golden/dataset_metadata.json were built and run through kohya's dataset code
 and its train_network.py metadata block (sd-scripts 48d368fa); here they are rebuilt and run
-through library.data.metadata."""
+through library.data.dataset_metadata."""
 
 import argparse
 import json
@@ -13,7 +13,7 @@ from PIL import Image
 from conftest import FIXTURES
 from library.data.config import add_dataset_arguments, resolve_dataset_configs
 from library.data.dataset import build_dataset_groups
-from library.data.metadata import dataset_metadata, tag_frequency
+from library.data.dataset_metadata import dataset_metadata, tag_frequency
 
 GOLDEN = json.loads((FIXTURES / "kohya_golden" / "dataset_metadata.json").read_text())
 

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
     "library": 0, "library.errors": 0, "library.device": 0, "library.safetensors_io": 0,
     "library.file_checks": 0, "library.arg_checks": 0, "library.layers": 0,
-    "library.resample": 0, "library.metadata": 0,
+    "library.resample": 0, "library.lora_metadata": 0,
     "library.text": 1, "library.models": 1, "library.data": 1, "library.conditioning": 1,
     "library.lora": 2, "networks": 2,
     "library.generation": 3,
@@ -29,7 +29,7 @@ LAYERS = {
 # Packages that stay importable without MindSpore (their modules run in data workers, or hold
 # the checks that run before MindSpore is imported).
 MINDSPORE_FREE = ("library.data", "library.text", "library.errors", "library.file_checks",
-                  "library.arg_checks", "library.resample", "library.metadata", "library.lora.args",
+                  "library.arg_checks", "library.resample", "library.lora_metadata", "library.lora.args",
                   "library.lora.names")
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, run_tool
-from library import metadata as md
+from library import lora_metadata as md
 from library.errors import UserError
 from library.models import build_sdxl
 from library.models.keymaps import diffusers_place

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, run_tool
-from library import metadata as md
+from library import lora_metadata as md
 from library.models import build_sdxl
 from library.models.keymaps import diffusers_place
 from library.safetensors_io import SafetensorsFile, write_safetensors

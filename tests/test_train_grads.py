@@ -8,8 +8,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, Tensor
 
-from library.training.grads import DynamicLossScaler, clip_to_norm, global_norm, scale_all
-from library.training.optimizers import ParamGroup, SGDNesterov
+from library.training.grad_ops import DynamicLossScaler, clip_to_norm, global_norm, scale_all
+from library.training.optimizer_cells import ParamGroup, SGDNesterov
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures/train_golden/clip_grad_norm.json").read_text())
 

@@ -9,10 +9,10 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 
 from library.training.compile import StepGraph
-from library.training.grads import DynamicLossScaler
+from library.training.grad_ops import DynamicLossScaler
 from library.training.logs import RunLog
-from library.training.loss_scale import LossScaleWatch
-from library.training.optimizers import AdamW, ParamGroup
+from library.training.loss_scale_policy import LossScaleWatch
+from library.training.optimizer_cells import AdamW, ParamGroup
 from library.training.step import ApplyStep
 
 SHAPES = [(3, 4), (5,)]

@@ -12,10 +12,10 @@ import mindspore as ms
 from mindspore import Tensor
 
 from library.errors import UserError
-from library.training import noise as N
+from library.training import noise_draws as N
 from library.training.loss_options import LossOptions, huber_c_per_timestep, timestep_weights
 from library.training.losses import DiffusionLoss
-from library.training.noising import ForwardDiffusion
+from library.training.forward_diffusion import ForwardDiffusion
 from library.resample import area_resize, bilinear_resize
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures/train_golden/noise_loss.json").read_text())

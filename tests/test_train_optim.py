@@ -10,8 +10,8 @@ import mindspore as ms
 from mindspore import nn, Parameter, Tensor
 
 from library.errors import UserError
-from library.training.optim import build_optimizer, parse_optimizer_args
-from library.training.optimizers import ParamGroup
+from library.training.optimizer_options import build_optimizer, parse_optimizer_args
+from library.training.optimizer_cells import ParamGroup
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures/train_golden/optimizers.json").read_text())
 

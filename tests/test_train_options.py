@@ -14,8 +14,8 @@ from library.training.batches import BatchAssembler
 from library.training.build import build_training, load_models
 from library.training.plan import prepare
 from library.training.losses import DiffusionLoss
-from library.training.noise import NoiseSampler, ddpm_schedule
-from library.training.noising import ForwardDiffusion
+from library.training.noise_draws import NoiseSampler, ddpm_schedule
+from library.training.forward_diffusion import ForwardDiffusion
 
 OPTIONS = {
     "noise_offset": ["--noise_offset", "0.1"],

@@ -16,7 +16,7 @@ from library.safetensors_io import SafetensorsFile
 from library.training import filenames as names
 from library.training import state as S
 from library.training.flat import FlatLayout
-from library.training.optimizers import ParamGroup
+from library.training.optimizer_cells import ParamGroup
 
 
 class FakeOptimizer(nn.Cell):

@@ -15,9 +15,9 @@ import mindspore as ms
 from mindspore import Parameter, Tensor
 
 from library.training.graph_stats import graph_op_counts
-from library.training.grads import DynamicLossScaler
-from library.training.optim import build_optimizer
-from library.training.optimizers import ParamGroup
+from library.training.grad_ops import DynamicLossScaler
+from library.training.optimizer_options import build_optimizer
+from library.training.optimizer_cells import ParamGroup
 from library.training.step import ApplyStep
 
 PER_TENSOR = {"InplaceCopy": 1}

@@ -82,7 +82,7 @@ def denoise_once(models, caption, latent, noise, t):
     from mindspore import Tensor
     from library.conditioning import encode_text, vector_condition
     from library.text import load_tokenizers, tokenize_chunks
-    from library.training.noise import ddpm_schedule
+    from library.training.noise_draws import ddpm_schedule
     a = float(ddpm_schedule().alphas_cumprod[t])
     noisy = np.sqrt(a) * latent + np.sqrt(1 - a) * noise
     tok1, tok2 = load_tokenizers()

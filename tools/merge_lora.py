@@ -159,7 +159,7 @@ def main(argv=None):
 
 
 def merge(args):
-    from library import metadata as md
+    from library import lora_metadata as md
     from library.models import build_sdxl, load_sdxl
     from library.models.checkpoint import save_single_file
     from networks import lora

@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from library.errors import UserError
-from library.metadata import calculate_sha256
+from library.lora_metadata import calculate_sha256
 
 # kohya's list (train_util.IMAGE_EXTENSIONS), compared case-insensitively; kohya matches only the
 # all-lower and all-upper spellings, so `a.Png` is picked up here and skipped there

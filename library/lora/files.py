@@ -6,7 +6,7 @@ A1111 reads), written atomically.
 import numpy as np
 import mindspore as ms
 
-from library import metadata as md_lib
+from library import lora_metadata as md_lib
 from library.errors import UserError
 from library.file_checks import refuse_non_finite, refuse_pickle
 from library.lora.keys import convert_to_kohya_keys

@@ -25,7 +25,7 @@ from library.lora.targets import replace_child, resolve, target_children, text_e
 
 class ParamGroup(NamedTuple):
     """One optimizer group: its Parameters, learning rate and a name for logs (kohya's
-    prepare_optimizer_params returns these; library/training/optimizers.py takes them)."""
+    prepare_optimizer_params returns these; library/training/optimizer_cells.py takes them)."""
     params: Sequence
     lr: float
     description: str

@@ -24,7 +24,7 @@ class Training:
     models: object
     network: object
     groups: list
-    optimizer: object          # library.training.optim.BuiltOptimizer
+    optimizer: object          # library.training.optimizer_options.BuiltOptimizer
     schedule: object
     grad_step: object
     apply_step: object
@@ -56,10 +56,10 @@ def build_training(plan, models):
     from library.data.loader import BatchLoader
     from library.text import load_tokenizers
     from library.training.losses import DiffusionLoss
-    from library.training.loss_scale import make_loss_scaler
-    from library.training.noise import NoiseSampler, ddpm_schedule
-    from library.training.noising import ForwardDiffusion
-    from library.training.optim import build_optimizer
+    from library.training.loss_scale_policy import make_loss_scaler
+    from library.training.noise_draws import NoiseSampler, ddpm_schedule
+    from library.training.forward_diffusion import ForwardDiffusion
+    from library.training.optimizer_options import build_optimizer
     from library.training.schedules import LRSchedule
     from library.training.step import ApplyStep, GradStep, StepLayout
     from library.training.validation import validation_caches

@@ -49,7 +49,7 @@ def _train(plan, stop):
     from library.training.checkpoints import Checkpoints, Progress
     from library.training.compile import CompileRecord, step_graphs
     from library.training.logs import RunLog, draw_loss_curve, tensorboard_dir
-    from library.training.loss_scale import LossScaleWatch
+    from library.training.loss_scale_policy import LossScaleWatch
     from library.training.run_metadata import run_metadata
     from library.training.samples import TrainingSampler
     from library.training.saving import warn_if_caches_short, warn_if_disk_short

@@ -9,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from library.errors import UserError
-from library.training.noise import DDPMSchedule, NUM_TRAIN_TIMESTEPS
+from library.training.noise_draws import DDPMSchedule, NUM_TRAIN_TIMESTEPS
 
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")

@@ -18,7 +18,7 @@ import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from library.training.loss_options import LossOptions, huber_c_per_timestep, timestep_weights
-from library.training.noise import DDPMSchedule
+from library.training.noise_draws import DDPMSchedule
 
 
 def elementwise_loss(pred, target, loss_type, huber_c=None):

@@ -121,8 +121,8 @@ def prepare(args):
     from library.data.config import resolve_dataset_configs
     from library.data.dataset import build_dataset_groups
     from library.training.loss_options import LossOptions
-    from library.training.noise import NoiseOptions
-    from library.training.optim import check_optimizer_options
+    from library.training.noise_draws import NoiseOptions
+    from library.training.optimizer_options import check_optimizer_options
     from library.training.samples import check_sample_options
     from library.training.schedules import LRScheduleOptions
     from library.training.validation import check_validation_options

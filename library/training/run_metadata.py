@@ -1,7 +1,7 @@
 """The training-run `ss_*` keys kohya writes into every saved LoRA (train_network.py:1003-1221).
 
-The network, model-name and modelspec keys come from library/metadata.py and the dataset keys
-from library/data/metadata.py; this module adds the run's own: learning rates, loop, noise and
+The network, model-name and modelspec keys come from library/lora_metadata.py and the dataset keys
+from library/data/dataset_metadata.py; this module adds the run's own: learning rates, loop, noise and
 loss settings, precision, the optimizer, and the per-save fields (steps, epoch, finish time).
 Values are `str()`-ed as kohya does, so `None` is written as "None".
 """
@@ -9,8 +9,8 @@ Values are `str()`-ed as kohya does, so `None` is written as "None".
 import random
 import time
 
-from library.data.metadata import dataset_metadata
-from library.metadata import lora_metadata_from_args, minimum_metadata, stringify
+from library.data.dataset_metadata import dataset_metadata
+from library.lora_metadata import lora_metadata_from_args, minimum_metadata, stringify
 
 
 def run_metadata(args, train_group, val_group, optimizer_name, net_kwargs, num_epochs,

@@ -16,7 +16,7 @@ gradients into. So the apply step (division, all-reduce, norm, clipping, the opt
 runs a fixed number of kernels per group, and only the final write into the LoRA parameters is
 per tensor.
 
-With `--mixed_precision fp16` a DynamicLossScaler (library.training.grads) is a child of
+With `--mixed_precision fp16` a DynamicLossScaler (library.training.grad_ops) is a child of
 `ApplyStep` and `GradStep` reads its scale Parameter: the grad step differentiates the scaled loss
 (so the buffers hold scaled gradients, also across accumulation), and the apply step unscales,
 checks from the global norm that every gradient is finite, clips, updates only when they are,
@@ -34,7 +34,7 @@ import mindspore as ms
 from mindspore import nn, ops, Tensor
 
 from library.conditioning import encode_ids, vector_condition
-from library.training.grads import clip_to_norm, global_norm, scale_all
+from library.training.grad_ops import clip_to_norm, global_norm, scale_all
 
 
 class StepLayout(NamedTuple):
@@ -79,7 +79,7 @@ class GradStep(nn.Cell):
     pixels: latents (B,4,h,w) unscaled when cached, else images (B,3,H,W) in [-1, 1];
     text_a/text_b: context (B,L,C) / pooled (B,P) when cached, else token ids (B,n,77) int32 for
     each encoder; text_c/text_d: merged per-token weights (B,L) with --weighted_captions (else
-    ignored); the noise inputs are `library.training.noise.NoiseDraws`.
+    ignored); the noise inputs are `library.training.noise_draws.NoiseDraws`.
     """
 
     def __init__(self, models, flat, forward_diffusion, loss, layout: StepLayout,

@@ -88,7 +88,7 @@ class Validation:
         from library.data.loader import BatchLoader
         from library.training.step import ForwardLoss
         from library.training.batches import BatchAssembler
-        from library.training.noise import NoiseSampler
+        from library.training.noise_draws import NoiseSampler
 
         self.models = training.models
         self.seed = args.validation_seed if args.validation_seed is not None else args.seed

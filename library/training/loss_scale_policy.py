@@ -2,7 +2,7 @@
 
 kohya trains fp16 under accelerate, which always wraps the optimizer in torch's GradScaler
 (init scale 2**16, x2 after 2000 finite steps, x0.5 on an overflow); bf16 and fp32 are not
-scaled. The scaler itself runs inside the compiled step (library.training.grads,
+scaled. The scaler itself runs inside the compiled step (library.training.grad_ops,
 library.training.step). On a step whose gradients overflow:
 
 - the optimizer update is skipped (weights and optimizer state unchanged), the scale is halved;
@@ -22,7 +22,7 @@ def make_loss_scaler(args):
     """A DynamicLossScaler for --mixed_precision fp16 (with or without --full_fp16), else None."""
     if args.mixed_precision != "fp16":
         return None
-    from library.training.grads import DynamicLossScaler
+    from library.training.grad_ops import DynamicLossScaler
     return DynamicLossScaler()
 
 

@@ -9,7 +9,7 @@ perturbation -> target (noise, or the velocity with --v_parameterization).
 
 from mindspore import nn, ops, Tensor
 
-from library.training.noise import DDPMSchedule, NoiseOptions
+from library.training.noise_draws import DDPMSchedule, NoiseOptions
 
 
 def _per_sample(table, timesteps, like):

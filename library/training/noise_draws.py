@@ -3,7 +3,7 @@
 kohya draws its noise inside the step with torch's global RNG. Here every random number of a step
 is drawn on the host from one seeded `numpy.random.Generator` and handed to the compiled step as
 input tensors (`NoiseDraws`); the step then combines them deterministically
-(library/training/noising.py). That makes a run reproducible from its seed, keeps randomness out
+(library/training/forward_diffusion.py). That makes a run reproducible from its seed, keeps randomness out
 of the graph, and keeps the step's input shapes fixed even though the multi-resolution noise
 pyramid has random level sizes. The draws follow kohya's distributions; the random streams are
 not torch's, so individual numbers differ from a kohya run with the same seed.

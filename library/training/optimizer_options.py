@@ -18,14 +18,14 @@ from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 from library.errors import UserError
 
 if TYPE_CHECKING:   # the optimizer Cells import MindSpore: not before the options are checked
-    from library.training.optimizers import GroupedOptimizer
+    from library.training.optimizer_cells import GroupedOptimizer
     from library.lora.network import ParamGroup
 
 logger = logging.getLogger(__name__)
 
 _FLOAT, _BOOL, _PAIR, _OPTIONAL_FLOAT = "a number", "True or False", "a pair of numbers", "a number or None"
 
-# name -> (class in library.training.optimizers, accepted --optimizer_args with their kind,
+# name -> (class in library.training.optimizer_cells, accepted --optimizer_args with their kind,
 #          kohya's optimizer class name for ss_optimizer)
 _SPECS = {
     "adamw": ("AdamW", {"betas": _PAIR, "eps": _FLOAT, "weight_decay": _FLOAT},
@@ -145,9 +145,9 @@ def build_optimizer(groups: Sequence[ParamGroup], learning_rate: float, optimize
     """
     key, kwargs = check_optimizer_options(optimizer_type, optimizer_args, use_8bit_adam,
                                           use_lion_optimizer)
-    from library.training import optimizers
+    from library.training import optimizer_cells
     name, _, kohya_name = _SPECS[key]
-    cls = getattr(optimizers, name)
+    cls = getattr(optimizer_cells, name)
     requested = "AdamW8bit" if use_8bit_adam else optimizer_type
     if requested.lower() not in BITSANDBYTES:
         requested = ""

@@ -31,7 +31,7 @@ def main():
 
     from library.training import cache_encoders as caching
     from library.data.captions import CaptionOptions
-    from library.data.config import DatasetConfig, SubsetConfig
+    from library.data.config_schema import DatasetConfig, SubsetConfig
     from library.data.dataset import build_dataset_groups
     from library.models import load_sdxl
 

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from library.data.captions import CaptionOptions  # noqa: E402
-from library.data.config import DatasetConfig, SubsetConfig  # noqa: E402
+from library.data.config_schema import DatasetConfig, SubsetConfig  # noqa: E402
 from library.data.dataset import build_dataset_groups  # noqa: E402
 from library.data.loader import BatchLoader  # noqa: E402
 

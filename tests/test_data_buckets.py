@@ -13,8 +13,9 @@ from PIL import Image
 from library.data import images
 from library.data.buckets import (BucketSelector, adjust_min_max_bucket_reso, kohya_crop_ltrb,
                                   make_bucket_resolutions, size_conditioning)
-from library.data.config import DatasetConfig, SubsetConfig
-from library.data.dataset import build_dataset_groups, conditioning, load_sample
+from library.data.config_schema import DatasetConfig, SubsetConfig
+from library.data.dataset import build_dataset_groups
+from library.data.examples import conditioning, load_sample
 from library.errors import UserError
 
 GOLDEN = Path(__file__).parent / "fixtures" / "kohya_golden"

@@ -14,7 +14,7 @@ from PIL import Image
 
 from library.data import cache as C, images
 from library.data.captions import CaptionOptions
-from library.data.config import DatasetConfig, SubsetConfig
+from library.data.config_schema import DatasetConfig, SubsetConfig
 from library.data.dataset import build_dataset_groups
 from library.data.loader import BatchLoader
 from library.errors import UserError

@@ -12,8 +12,9 @@ from PIL import Image
 
 from library.data import images
 from library.data.captions import CaptionOptions
-from library.data.config import DatasetConfig, SubsetConfig
-from library.data.dataset import balance_reg_repeats, build_dataset_groups, load_sample
+from library.data.config_schema import DatasetConfig, SubsetConfig
+from library.data.dataset import balance_reg_repeats, build_dataset_groups
+from library.data.examples import load_sample
 from library.data.loader import BatchLoader
 from library.errors import UserError
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from library.data import cache as C
 from library.data.config import add_dataset_arguments, resolve_dataset_configs
-from library.data.dataset import build_dataset_groups, load_sample
+from library.data.dataset import build_dataset_groups
+from library.data.examples import load_sample
 from library.errors import UserError
 
 

@@ -640,7 +640,7 @@ def _png(path, size=(64, 64), color=(200, 30, 30)):
 
 
 def _group(tmp_path, is_dreambooth=True, **subset_kw):
-    from library.data.config import DatasetConfig, SubsetConfig
+    from library.data.config_schema import DatasetConfig, SubsetConfig
     from library.data.dataset import build_dataset_groups
     sub = SubsetConfig(where="datasets[0].subsets[0]", **subset_kw)
     config = DatasetConfig(subsets=(sub,), is_dreambooth=is_dreambooth, resolution=(64, 64),

@@ -10,7 +10,8 @@ import pytest
 from mindspore import nn, ops, Parameter, Tensor
 
 from library.data.bucket_cap import batch_shape_count, cap_buckets
-from library.data.dataset import build_dataset_groups, load_sample
+from library.data.dataset import build_dataset_groups
+from library.data.examples import load_sample
 from library.errors import UserError
 from library.training.compile import StepGraph, batch_shapes, jit_api, uses_dynamic_shapes
 from test_data_dataset import dataset_config, make_images, subset

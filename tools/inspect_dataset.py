@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from library.data.captions import process_caption  # noqa: E402
 from library.data.config import add_dataset_arguments, resolve_dataset_configs  # noqa: E402
-from library.data.dataset import build_dataset_groups, conditioning  # noqa: E402
+from library.data.dataset import build_dataset_groups  # noqa: E402
+from library.data.examples import conditioning  # noqa: E402
 from library.errors import exit_on_user_error  # noqa: E402
 
 

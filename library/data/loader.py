@@ -2,7 +2,7 @@
 
     loader = BatchLoader(train_group, seed=args.seed, num_workers=args.max_data_loader_n_workers)
     loader.load_state_dict(saved)                # optional: resume inside an epoch
-    for batch in loader.epoch(epoch):            # batch: list of sample dicts (dataset.load_sample),
+    for batch in loader.epoch(epoch):            # batch: list of sample dicts (examples.load_sample),
                                                  # "image" as float32 CHW in [-1, 1]
         ...
         saved = loader.state_dict()              # {"seed", "epoch", "batch"}: the next batch to yield
@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import signal
 
-from library.data.dataset import load_sample, sample_rng
+from library.data.examples import load_sample, sample_rng
 from library.data.images import to_chw_float
 from library.errors import UserError
 

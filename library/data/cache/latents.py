@@ -12,7 +12,7 @@ from library.data import images
 from library.data.cache.exchange import SingleProcess, agree_on_hits, barrier, exchange
 from library.data.cache.files import is_valid, read_cache_file, update_file
 from library.data.cache.keys import canonical, entry_id, image_identity, latent_key, latents_path
-from library.data.dataset import load_mask
+from library.data.examples import load_mask
 from library.errors import UserError
 
 logger = logging.getLogger("library.data.cache")

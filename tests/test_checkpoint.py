@@ -6,7 +6,7 @@ import pytest
 
 from library.errors import UserError
 from library.models import load_sdxl
-from library.models.checkpoint import (COMPONENTS, _model_params, save_diffusers_folder,
+from library.models.checkpoint import (COMPONENTS, base_parameters, save_diffusers_folder,
                                        save_single_file)
 from library.safetensors_io import SafetensorsFile, write_safetensors
 from conftest import run_tool
@@ -18,7 +18,7 @@ def file_tensors(path):
 
 
 def params(models):
-    return {(c, n): p.astype(ms.float32).asnumpy() for c, n, p in _model_params(models)}
+    return {(c, n): p.astype(ms.float32).asnumpy() for c, n, p in base_parameters(models)}
 
 
 def test_single_file_round_trip_is_identical(tiny_ckpt, tiny_models, tmp_path):
@@ -47,7 +47,7 @@ def test_te2_fused_qkv_and_projection_are_split_as_openclip_stores_them(tiny_ckp
 @pytest.mark.parametrize("dtype,ms_dtype", [("float16", ms.float16), ("bfloat16", ms.bfloat16)])
 def test_load_in_half_precision(tiny_ckpt, tiny_models, dtype, ms_dtype):
     half = load_sdxl(tiny_ckpt, dtype=dtype)
-    got = {(c, n): p for c, n, p in _model_params(half)}
+    got = {(c, n): p for c, n, p in base_parameters(half)}
     assert {p.dtype for p in got.values()} == {ms_dtype}
     full = params(tiny_models)
     key = ("unet", "input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight")

@@ -63,9 +63,9 @@ def test_img2img_strength_zero_returns_the_vae_round_trip(pipe):
     # strength 0 runs no step: the init latents noised to the last grid point (sigma_min for euler)
     rngs = [np.random.default_rng(4)]
     noise = rngs[0].standard_normal((4, SIZE // 8, SIZE // 8), dtype=np.float32)
-    init = pipe._encode_inits([src], SIZE, SIZE, rngs)[0]
+    init = pipe.encode_init_images([src], SIZE, SIZE, rngs)[0]
     np.testing.assert_allclose(out.latents, init + samplers.SIGMA_MIN * noise, atol=1e-5)
-    round_trip = np.asarray(pipe._decode(init[None])[0], np.float32)
+    round_trip = np.asarray(pipe.decode(init[None])[0], np.float32)
     # sigma_min noise (0.03 on the scaled latents) is all that separates them: a few levels of 255
     assert np.abs(np.asarray(out.image, np.float32) - round_trip).mean() < 16.0
     # strength > 0 moves away from it; kohya's start: int(steps * strength) steps run

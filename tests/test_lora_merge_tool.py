@@ -38,7 +38,7 @@ def deltas(sd):
 def test_concat_and_svd_are_exact_sums_of_delta_w(tiny_targets):
     _, net = tiny_targets
     a, b = random_lora(net, 1), random_lora(net, 2)
-    loaded = [merge_lora._factors(a), merge_lora._factors(b)]
+    loaded = [merge_lora.module_factors(a), merge_lora.module_factors(b)]
     want = {n: 0.8 * da + -0.5 * deltas(b)[n] for n, da in deltas(a).items()}
     concat = merge_lora.merge_concat(loaded, [0.8, -0.5])
     svd_full = merge_lora.merge_svd(loaded, [0.8, -0.5], new_rank=8)
@@ -61,7 +61,7 @@ def test_concat_and_svd_are_exact_sums_of_delta_w(tiny_targets):
 def test_kohya_default_merge_sums_factors(tiny_targets):
     _, net = tiny_targets
     a, b = random_lora(net, 1), random_lora(net, 2)
-    merged = merge_lora.merge_kohya_sum([merge_lora._factors(a), merge_lora._factors(b)],
+    merged = merge_lora.merge_kohya_sum([merge_lora.module_factors(a), merge_lora.module_factors(b)],
                                         [1.0, -0.5])
     k = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
     np.testing.assert_allclose(merged[f"{k}.lora_down.weight"],

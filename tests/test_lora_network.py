@@ -11,7 +11,7 @@ from mindspore import Tensor, nn
 
 from conftest import FIXTURES, ROOT, randomise_lora
 from library.models import load_sdxl
-from library.models.checkpoint import _model_params, save_single_file
+from library.models.checkpoint import base_parameters, save_single_file
 from networks import lora
 
 
@@ -54,12 +54,12 @@ def rel(a, b):
 def fresh(tiny_ckpt):
     """A second tiny model for merging into; `restore(fresh)` puts its weights back."""
     models = load_sdxl(tiny_ckpt)
-    models.saved = {id(p): p.asnumpy() for _, _, p in _model_params(models)}
+    models.saved = {id(p): p.asnumpy() for _, _, p in base_parameters(models)}
     return models
 
 
 def restore(models):
-    for _, _, p in _model_params(models):
+    for _, _, p in base_parameters(models):
         p.set_data(Tensor(models.saved[id(p)]))
 
 
@@ -95,7 +95,7 @@ def test_merged_weight_is_w_plus_m_scale_up_down(applied, fresh):
     after = {n: p.asnumpy() for n, p in fresh.unet.parameters_and_names()}
     kinds = {}
     for m in net.unet_loras:
-        path = fresh_net._places[m.lora_name][1]
+        path = fresh_net.target_path(m)
         down, up = m.down_up()
         if down.ndim == 2:
             kind, delta = "linear", up @ down
@@ -155,11 +155,11 @@ def test_init_names_and_checkpoint_io_ignore_lora(applied, tmp_path, fresh):
         "lora_unet_input_blocks_4_1_proj_in.lora_down.weight"
     assert not any(p.requires_grad for n, p in params.items() if "multiplier" in n)
     # checkpoint save/load of a LoRA'd model writes the base weights only (unchanged by LoRA)
-    assert len(list(_model_params(models))) == len(list(_model_params(fresh)))
+    assert len(list(base_parameters(models))) == len(list(base_parameters(fresh)))
     out = tmp_path / "base_again.safetensors"
     save_single_file(models, out)
-    again = {n: p.asnumpy() for _, n, p in _model_params(load_sdxl(out))}
-    orig = {n: p.asnumpy() for _, n, p in _model_params(fresh)}
+    again = {n: p.asnumpy() for _, n, p in base_parameters(load_sdxl(out))}
+    orig = {n: p.asnumpy() for _, n, p in base_parameters(fresh)}
     assert all(np.array_equal(again[n], orig[n]) for n in orig)
 
 

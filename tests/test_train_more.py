@@ -16,7 +16,7 @@ from mindspore import Tensor
 
 from conftest import ONE_BLOCK
 from library.safetensors_io import SafetensorsFile
-from networks.lora import is_lora_parameter_name
+from library.models.checkpoint import is_lora_parameter_name
 from library.training import build as build_module, loop
 from library.training.args import parse_args
 from library.training.batches import to_tensors

@@ -32,7 +32,7 @@ def _read(path, unet_config=None):
     return lora.load_lora_file(path, unet_config=unet_config)
 
 
-def _factors(weights):
+def module_factors(weights):
     """{module: (down, up, alpha, rank)} in float32."""
     from networks import lora
     out = {}
@@ -218,7 +218,7 @@ def merge(args):
                 preset, report = candidate, rep
         lora.raise_if_bad(report, path)
         versions.append(preset)
-        loaded.append(_factors(weights))
+        loaded.append(module_factors(weights))
     if len(set(versions)) > 1:
         raise UserError(f"the LoRAs are for different models: {dict(zip(args.models, versions))}")
     if args.new_rank:

@@ -168,7 +168,7 @@ class Pipeline:
             lat1 = self._stage(batch, w1, h1, o.highres_fix_steps, strength1, inits, seeds, cond1)
             images1 = None
             if o.highres_fix_save_1st or not o.highres_fix_latents_upscaling:
-                images1 = self._decode(lat1)
+                images1 = self.decode(lat1)
             if o.highres_fix_save_1st:
                 for i, (r, img, lat) in enumerate(list(zip(batch, images1, lat1))[:n_real]):
                     r1 = replace(r, width=w1, height=h1, steps=o.highres_fix_steps, **cond1)
@@ -187,7 +187,7 @@ class Pipeline:
             latents = self._stage(batch, r0.width, r0.height, r0.steps, r0.strength, inits, seeds,
                                   self._cond_of(r0))
             stage = ""
-        images = self._decode(latents)
+        images = self.decode(latents)
         for i, (r, img, lat) in enumerate(list(zip(batch, images, latents))[:n_real]):
             out.append(GeneratedImage(img, lat, r, stage, png_metadata(
                 r, r0.width, r0.height, stage, o, self._names(), muls), i))
@@ -212,7 +212,7 @@ class Pipeline:
         noise = np.stack([g.standard_normal(shape, dtype=np.float32) for g in rngs])
         init_latents = None
         if inits is not None:
-            init_latents = self._encode_inits(inits, width, height, rngs)
+            init_latents = self.encode_init_images(inits, width, height, rngs)
         cfg = r0.scale > 1.0          # kohya: guidance_scale <= 1 runs the conditional half only
         context, y = self._condition([r.prompt for r in batch],
                                      [r.negative_prompt for r in batch] if cfg else None,
@@ -330,7 +330,7 @@ class Pipeline:
             return n
         return max(1, int(n * v)) if v < 1 else int(v)
 
-    def _encode_inits(self, inits, width, height, rngs):
+    def encode_init_images(self, inits, width, height, rngs):
         """img2img sources -> latents (B, 4, h, w): latents pass through; images are resized to
         the stage size, encoded, and sampled with noise from each image's generator."""
         ms = self._ms
@@ -347,7 +347,8 @@ class Pipeline:
             out.append(lat.asnumpy().astype(np.float32) * scaling)
         return np.concatenate(out)
 
-    def _decode(self, latents):
+    def decode(self, latents):
+        """Latents (B, 4, h, w), scaled -> PIL images, through the VAE in its chunks."""
         ms = self._ms
         vae, scaling = self.models.vae, self.models.config.vae.scaling_factor
         images, step = [], self._vae_chunks(len(latents))

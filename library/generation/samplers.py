@@ -14,6 +14,9 @@ Conventions (the k-diffusion ones):
 Each sampler visits exactly the timesteps and sigmas that sd-scripts' diffusers scheduler visits
 with kohya's configuration (sdxl_gen_img.py:1515-1571 for the generator, train_util.get_my_scheduler
 for training-time samples); tests/test_gen_samplers.py checks that against stored diffusers values.
+
+One file for the whole set (about 450 lines): the samplers share the schedule, the sigma/timestep
+conventions above and the two configurations, and each is a few dozen lines of one loop.
 """
 
 import math

@@ -160,12 +160,6 @@ def is_linear(cell):
     return isinstance(cell, (nn.Dense, LoRADense))
 
 
-def is_lora_parameter_name(name):
-    """True for the parameters LoRA adds to a model (`...lora_branches.0.lora_down.weight`):
-    checkpoint I/O of the base model skips them."""
-    return any(part.startswith("lora_") for part in name.split("."))
-
-
 def delta_weight(down, up, scale):
     """(alpha/rank)·up@down reshaped to the original weight: Linear [out,in]; conv [out,in,k,k]
     (the 1×1 up kernel folds into the down kernel, exact for any kernel size)."""

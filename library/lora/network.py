@@ -127,6 +127,11 @@ class LoRANetwork:
     def __len__(self):
         return len(self.loras)
 
+    def target_path(self, lora):
+        """The module path, inside its model, of the cell `lora` targets (`input_blocks.4.1.
+        transformer_blocks.0.attn1.to_q`)."""
+        return self._places[lora.lora_name][1]
+
     def _parent_of(self, lora):
         root, path = self._places[lora.lora_name]
         return resolve(root, path)

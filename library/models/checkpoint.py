@@ -59,21 +59,25 @@ def _check_is_sdxl(path, keys):
 
 # --- the mapping, in both directions ---------------------------------------------------------
 
-def _model_params(models, components=COMPONENTS):
-    """Every parameter of the base models. Parameters that an applied LoRA adds (a path part
-    starting with `lora_`, e.g. `...to_q.lora_branches.0.lora_down.weight`, see library/lora/modules.py)
-    are not part of the checkpoint: saving writes, and merges, the base weights only."""
+def is_lora_parameter_name(name):
+    """True for the parameters an applied LoRA adds to a model: a path part starting with `lora_`
+    (`...to_q.lora_branches.0.lora_down.weight`, library/lora/modules.py names them so). They are
+    not part of the checkpoint: saving writes, and merges, the base weights only."""
+    return any(part.startswith("lora_") for part in name.split("."))
+
+
+def base_parameters(models, components=COMPONENTS):
+    """(component, name, Parameter) for every parameter of the base models, LoRA's left out."""
     for component in components:
         for name, param in getattr(models, component).parameters_and_names():
-            if any(part.startswith("lora_") for part in name.split(".")):
-                continue
-            yield component, name, param
+            if not is_lora_parameter_name(name):
+                yield component, name, param
 
 
 def _file_layout(models, place_of, components=COMPONENTS):
     """key -> list of (component, name, param, place), from the models' own parameter names."""
     layout = defaultdict(list)
-    for component, name, param in _model_params(models, components):
+    for component, name, param in base_parameters(models, components):
         place = place_of(component, name)
         layout[place.key].append((component, name, param, place))
     return layout
@@ -197,7 +201,7 @@ def save_single_file(models, path, dtype=None, metadata=None):
 
 
 def _models_dtype(models):
-    dtypes = {p.dtype for _, _, p in _model_params(models)}
+    dtypes = {p.dtype for _, _, p in base_parameters(models)}
     if len(dtypes) == 1:
         return {ms.float16: "float16", ms.bfloat16: "bfloat16"}.get(dtypes.pop(), "float32")
     return "float32"

@@ -16,6 +16,9 @@ of LoRA tensors; only writing the new values back into the parameters is per ten
 float32 tensor (num_groups,) with each group's current LR, computed on the host by
 library/training/schedules.py, so a new LR never recompiles the step. Updates are computed in
 float32 and written back in the parameters' dtype.
+
+One file for the five (about 430 lines): they share GroupedOptimizer, its flat state and its
+write-back, and each adds only its update rule.
 """
 
 import math
@@ -25,8 +28,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops, Parameter, ParameterTuple, Tensor
 
-from library.training.flat import FlatLayout
 from library.lora.network import ParamGroup
+from library.training.flat import FlatLayout
 
 F32 = ms.float32
 

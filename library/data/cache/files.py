@@ -72,5 +72,13 @@ def update_file(path, new_entries, wanted_ids):
     write_cache_file(path, merged)
 
 
+def update_files(share, by_file, wanted):
+    """Write one encode batch's {path: {entry id: entry}} into their files, keeping the entries
+    this run uses (`wanted`: path -> ids). One writer per node: its first worker."""
+    if share.local_rank == 0:
+        for path, new in by_file.items():
+            update_file(path, new, wanted[path])
+
+
 def is_valid(entry, key_json, kinds):
     return entry is not None and entry.key == key_json and all(entry.has(k) for k in kinds)

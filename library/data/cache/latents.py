@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from library.data import images
 from library.data.cache.exchange import SingleProcess, agree_on_hits, barrier, exchange
-from library.data.cache.files import is_valid, read_cache_file, update_file
+from library.data.cache.files import is_valid, read_cache_file, update_files
 from library.data.cache.keys import canonical, entry_id, image_identity, latent_key, latents_path
 from library.data.examples import load_mask
 from library.errors import UserError
@@ -211,9 +211,7 @@ def build_latent_cache(group, encode, model_id, to_disk=False, batch_size=1, ski
                     else:
                         cache.keep(eid, entry)
                     cache.computed += 1
-                if share.local_rank == 0:     # one writer per node
-                    for path, new in by_file.items():
-                        update_file(path, new, wanted[path])
+                update_files(share, by_file, wanted)
                 bar.update(len(batch))
     if to_disk:
         barrier(share)      # every file is written before any rank reads it

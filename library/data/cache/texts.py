@@ -8,7 +8,7 @@ import numpy as np
 from tqdm import tqdm
 
 from library.data.cache.exchange import SingleProcess, agree_on_hits, barrier, exchange
-from library.data.cache.files import is_valid, read_cache_file, update_file
+from library.data.cache.files import is_valid, read_cache_file, update_files
 from library.data.cache.keys import cached_caption, canonical, entry_id, text_key, text_path
 from library.errors import UserError
 
@@ -117,9 +117,7 @@ def build_text_cache(group, encode, model_id, max_token_length=None, weighted=Fa
                     for path, _ in targets:
                         by_file.setdefault(path, {})[eid] = {"key": key_json, "context": context[i], "pooled": pooled[i]}
                         cache.computed += 1
-                if share.local_rank == 0:     # one writer per node
-                    for path, new in by_file.items():
-                        update_file(path, new, wanted[path])
+                update_files(share, by_file, wanted)
                 bar.update(len(chunk))
     if to_disk:
         barrier(share)      # every file is written before any rank reads it

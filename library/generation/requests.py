@@ -10,6 +10,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from library.errors import UserError
+from library.generation.prompts import DEFAULT_SIZE
 
 LATENT_CHANNELS = 4
 DOWNSAMPLING = 8
@@ -22,8 +23,8 @@ class ImageRequest:
     prompt: str
     seed: int
     negative_prompt: str = ""
-    width: int = 1024
-    height: int = 1024
+    width: int = DEFAULT_SIZE
+    height: int = DEFAULT_SIZE
     steps: int = 50
     scale: float = 7.5
     sampler: str = "ddim"

@@ -2,7 +2,8 @@
 holds their weights, merge, multiplier, optimizer groups and max-norm regularisation.
 
 The network is a plain Python object, not a Cell: its branches live inside the models' cell
-trees (library/lora/__init__.py), and it keeps the list of them and where each sits.
+trees (library/lora/__init__.py), and it keeps the list of them and where each sits. One class
+with kohya's whole method set (its trainer and tools call them by name), so one file.
 """
 
 from typing import NamedTuple, Sequence

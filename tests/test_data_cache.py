@@ -1,4 +1,4 @@
-"""Latent and text-encoder output caches (library/data/cache.py) with counting fake encoders:
+"""Latent and text-encoder output caches (library/data/cache/) with counting fake encoders:
 hits on a rerun, exactly the affected entries recomputed when an input changes, unreadable
 files recomputed, flip_aug and alpha_mask entries, and kohya's contradiction errors."""
 

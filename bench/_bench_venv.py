@@ -25,7 +25,6 @@ def bench_python():
     return python
 
 
-
 # Kernel threads. Importing MindSpore sets OMP_NUM_THREADS=1 in the process environment (at the C
 # level: os.environ does not show it), so a PyTorch child started from a bench that had imported
 # the library always ran single-threaded, unsaid. The benches now set both sides explicitly:

@@ -65,4 +65,3 @@ def test_static_captions_allow_text_encoder_caching():
     for kw in ({"shuffle_caption": True}, {"caption_dropout_rate": 0.1}, {"token_warmup_step": 5},
                {"caption_dropout_every_n_epochs": 2}, {"enable_wildcard": True}):
         assert not CaptionOptions(**kw).is_static()
-

@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 _ARG_TO_KEY = {"train_batch_size": "batch_size", "dataset_repeats": "num_repeats"}
 
 
-
 # ---------------------------------------------------------------------------------- CLI
 def add_dataset_arguments(parser):
     """Add kohya's dataset options (train_util.add_dataset_arguments and the dataset-related

@@ -64,7 +64,7 @@ def match_report(weights_sd, targets, ranks=None):
             problems.append(f"{name}.alpha has shape {np.shape(alpha)}, expected a scalar")
             continue
         org = targets[name]
-        want_down, want_up = expected_shapes(name, org, ranks.get(name, rank))
+        want_down, want_up = expected_shapes(org, ranks.get(name, rank))
         info[name]["kind"] = ("conv" + "x".join(map(str, org.kernel_size))
                               if is_conv(org) else "linear")
         bad = []

@@ -130,8 +130,6 @@ class LoRAConv2d(nn.Cell):
         return with_branches(y, x, self.lora_branches)
 
 
-
-
 def with_branches(y, x, branches):
     """The host's output plus each LoRA branch's, as one same-shape sum (`layers.add`)."""
     outs = [y]

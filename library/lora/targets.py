@@ -70,7 +70,8 @@ def model_targets(text_encoders, unet, conv=True):
     return targets
 
 
-def expected_shapes(lora_name, org, rank):
+def expected_shapes(org, rank):
+    """(lora_down shape, lora_up shape) of a rank-`rank` module on the cell `org`."""
     if is_conv(org):
         kh, kw = org.kernel_size
         return (rank, org.in_channels, kh, kw), (org.out_channels, rank, 1, 1)

@@ -312,4 +312,3 @@ def load(path_or_id, dtype="float32"):
     raise UserError(f"model not found: {path_or_id} (expected an SDXL .safetensors file, a "
                     "diffusers-format folder or a Hugging Face hub id like "
                     "stabilityai/stable-diffusion-xl-base-1.0)")
-

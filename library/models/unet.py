@@ -235,4 +235,3 @@ class SDXLUNet(nn.Cell):
         for i, block in enumerate(self.output_blocks):
             h = block(ops.cat([h, skips[n - 1 - i]], axis=1), emb, context)
         return self.out(h).astype(x.dtype)
-

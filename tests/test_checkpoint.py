@@ -181,9 +181,9 @@ def test_a_files_preset_is_found_from_the_shapes_its_built_unet_has(preset):
     """The preset probe reads conv_in and label_emb shapes off the config: they must be the
     shapes the built UNet's parameters have (built without weights, about a second at full size)."""
     from library.models import build_sdxl
-    from library.models.checkpoint import _detect_preset
+    from library.models.checkpoint import detect_preset
     unet = dict(build_sdxl(preset, init=False).unet.parameters_and_names())
-    assert _detect_preset("m", lambda k: tuple(unet[k].shape)) == preset
+    assert detect_preset("m", lambda k: tuple(unet[k].shape)) == preset
 
 
 def test_an_unknown_unet_width_is_refused(tiny_ckpt, tmp_path):

@@ -36,8 +36,8 @@ def preset_of_checkpoint(path):
     keys = set(st.keys())
     checkpoint._check_is_sdxl(path, keys)
     prefix = keymaps.SINGLE_FILE_PREFIXES["unet"]
-    return checkpoint._detect_preset(path, lambda k: st.shape(prefix + k)
-                                     if prefix + k in keys else None)
+    return checkpoint.detect_preset(path, lambda k: st.shape(prefix + k)
+                                    if prefix + k in keys else None)
 
 
 def check(path, preset):

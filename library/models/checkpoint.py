@@ -142,7 +142,7 @@ def _fill(models, files, place_of, dtype, source):
         layers.check_parameter_names_once(getattr(models, component))
 
 
-def _detect_preset(source, shapes_of):
+def detect_preset(source, shapes_of):
     """The preset whose UNet conv_in and label_emb shapes the file has. The shapes come from the
     presets' configs (building each preset's UNet to read them cost 2 s per load); `_fill`
     checks every tensor's shape against the built model afterwards."""
@@ -164,7 +164,7 @@ def load_single_file(path, dtype="float32"):
     keys = set(st.keys())
     _check_is_sdxl(path, keys)
     prefix = keymaps.SINGLE_FILE_PREFIXES["unet"]
-    preset = _detect_preset(path, lambda k: st.shape(prefix + k) if prefix + k in keys else None)
+    preset = detect_preset(path, lambda k: st.shape(prefix + k) if prefix + k in keys else None)
     models = build_sdxl(preset, init=False)
     files = {k: (st, k) for k in keys
              if k not in keymaps.IGNORED_KEYS and k != keymaps.TE2_LOGIT_SCALE_KEY}
@@ -229,8 +229,8 @@ def load_diffusers_folder(folder, dtype="float32"):
     unet = files["unet"]
     probe = {"input_blocks.0.0.weight": "conv_in.weight",
              "label_emb.0.0.weight": "add_embedding.linear_1.weight"}
-    preset = _detect_preset(folder, lambda k: unet.shape(probe[k])
-                            if probe[k] in unet.keys() else None)
+    preset = detect_preset(folder, lambda k: unet.shape(probe[k])
+                           if probe[k] in unet.keys() else None)
     models = build_sdxl(preset, init=False)
     cfg = models.config
     merged = {}

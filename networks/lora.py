@@ -15,13 +15,13 @@ from library.lora.keys import convert_to_kohya_keys, split_modules
 from library.lora.matching import match_report, raise_if_bad
 from library.lora.modules import LoRAConv2d, LoRADense, LoRAModule, delta_weight
 from library.lora.names import get_block_index
-from library.lora.network import LoRANetwork, ParamGroup
+from library.lora.network import LoRANetwork
 from library.lora.targets import model_targets
 
 __all__ = ["create_network", "create_network_from_weights", "merge_lora_weights", "LoRANetwork",
-           "ParamGroup", "LoRAModule", "LoRADense", "LoRAConv2d", "SAVE_DTYPES", "load_lora_file",
-           "save_lora_file", "convert_to_kohya_keys", "split_modules", "match_report",
-           "raise_if_bad", "model_targets", "delta_weight", "get_block_index"]
+           "LoRAModule", "LoRADense", "LoRAConv2d", "SAVE_DTYPES", "load_lora_file", "save_lora_file",
+           "convert_to_kohya_keys", "split_modules", "match_report", "raise_if_bad", "model_targets",
+           "delta_weight", "get_block_index"]
 
 
 def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet,

@@ -54,7 +54,7 @@ def load_sample(record, config, rng, epoch=1, step=0, max_train_steps=0, latent_
 
     Random draws follow kohya's order: flip, crop, colour, then caption.
 
-    With a `latent_cache` (library.data.cache.LatentCache) the image is not decoded: `image` is
+    With a `latent_cache` (library.data.cache.latents.LatentCache) the image is not decoded: `image` is
     None and `latents` holds the cached float32 (C, h, w) latent (the flipped one when flipped),
     `alpha_mask` the cached mask. Captions and conditioning are the same as without the cache.
     """

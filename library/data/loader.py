@@ -69,7 +69,7 @@ class BatchLoader:
     persistent: keep the worker pool between epochs (kohya's --persistent_data_loader_workers).
     max_train_steps: for token warmup given as a fraction. Each epoch's step numbers start at
     `first_step` and advance every `batches_per_step` batches (gradient accumulation).
-    latent_cache: a library.data.cache.LatentCache; samples then carry `latents` instead of an
+    latent_cache: a library.data.cache.latents.LatentCache; samples then carry `latents` instead of an
     image and are made in this process (nothing to decode, so no workers are used).
     text_cache: a TextCache; samples then also carry `text_context` (L, C) and `text_pooled` (P).
     rank, world_size: this process's share of the batches under data parallelism.

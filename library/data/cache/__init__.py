@@ -45,13 +45,11 @@ on, and the file names), files.py (the npz format, read lazily, written atomical
 the builders that fill them). The names the trainer, tools and tests use are exported here.
 """
 
-from library.data.cache.exchange import SingleProcess
 from library.data.cache.files import read_cache_file, write_cache_file
 from library.data.cache.keys import latents_path, text_path
-from library.data.cache.latents import LatentCache, build_latent_cache
+from library.data.cache.latents import build_latent_cache
 from library.data.cache.options import add_cache_arguments, check_cache_options
-from library.data.cache.texts import TextCache, build_text_cache
+from library.data.cache.texts import build_text_cache
 
-__all__ = ["SingleProcess", "read_cache_file", "write_cache_file", "latents_path", "text_path",
-           "LatentCache", "build_latent_cache", "add_cache_arguments", "check_cache_options",
-           "TextCache", "build_text_cache"]
+__all__ = ["read_cache_file", "write_cache_file", "latents_path", "text_path", "build_latent_cache",
+           "add_cache_arguments", "check_cache_options", "build_text_cache"]
